@@ -1,0 +1,36 @@
+# The two commands: `make study` (demo cohort → every study) and `make test`. Both install into .venv first.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install study demo test test-fast export clean-results bench
+
+install: $(STAMP)
+
+$(STAMP): settings.ini setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip check
+	touch $(STAMP)
+
+demo: install   ## the demo cohort alone (the runner also builds it when missing)
+	$(BIN)/wsi-study demo-data data/demo
+
+study: install  ## build the demo cohort if absent, then run every study in configs/study.yaml on it
+	$(BIN)/wsi-study run configs/study.yaml --cohort demo --out results
+
+test: install   ## nbdev drift check, notebook tests, pytest
+	$(BIN)/python tests/check_drift.py
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/pytest -q tests
+
+export:         ## strip notebook noise, then notebooks → wsi_study/
+	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_export
+
+clean-results:
+	rm -rf results

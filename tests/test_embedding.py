@@ -194,3 +194,24 @@ def test_local_checkpoint_nested_and_prefixed(tmp_path):
     torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), tmp_path / "other.pt")
     with pytest.raises(WsiStudyError, match=r"other\.pt: checkpoint does not fit the model: \d+ of \d+ weights"):
         load_encoder("resnet18", weights=tmp_path / "other.pt")
+
+
+def test_cli_embed_tile_then_embed(tmp_path, tiny_cohort):
+    """`wsi-study tile` then `wsi-study embed` on the synthetic cohort; a re-run skips; a hub name offline exits 2."""
+    from conftest import run_cli
+    tiles, feats = tmp_path / "tiles", tmp_path / "features"
+    res = run_cli("-q", "tile", tiny_cohort, "--out", tiles, "--mpp", "1.0", "--patch-size", "128", "--scheduler", "none")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("-q", "embed", tiny_cohort, "--tiles", tiles, "--out", feats, "--encoder", FAST,
+                  "--batch-size", "16", "--scheduler", "none")
+    assert res.returncode == 0, res.stderr
+    manifest = pd.read_csv(tiny_cohort)
+    for sid in manifest.slide_id:
+        with h5py.File(feature_path(feats, FAST, sid), "r") as f:
+            with h5py.File(tiles / f"{sid}.h5", "r") as t:
+                assert (f["coords"][:] == t["coords"][:]).all() and f["features"].shape[0] == len(t["coords"])
+    res = run_cli("-q", "embed", tiny_cohort, "--tiles", tiles, "--out", feats, "--encoder", FAST, "--scheduler", "none")
+    assert res.returncode == 0 and f"{len(manifest)} already done" in res.stdout
+    res = run_cli("-q", "embed", tiny_cohort, "--tiles", tiles, "--out", feats, "--encoder", "hf-hub:nobody/nothing",
+                  "--scheduler", "none")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -65,3 +65,11 @@ def test_killed_worker_slides_retried(cluster, tiny_cohort, tmp_path):
         coords, attrs = read_tiles(out / f"{sid}.h5")
         assert attrs["patch_size"] == 128 and len(coords) > 0
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    # the surviving worker also embeds the cohort as per-slide jobs
+    feats = tmp_path / "features"
+    res = subprocess.run([CLI, "-q", "embed", str(tiny_cohort), "--tiles", str(out), "--out", str(feats), "--encoder",
+                          "random:mobilenetv3_small_050", "--batch-size", "16", "--scheduler", str(cluster)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    from wsi_study.embedding import feature_path
+    assert all(feature_path(feats, "random:mobilenetv3_small_050", sid).is_file() for sid in manifest.slide_id)

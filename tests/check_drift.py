@@ -31,6 +31,12 @@ def orphan_modules(root: Path) -> list[str]:
     return sorted(m for m in mods if m not in exported and Path(m).name not in ("__init__.py", "_modidx.py"))
 
 
+def cells_without_id(root: Path) -> list[str]:
+    "Notebooks whose cells lack an `id`: nbformat then invents random ids and every export differs."
+    return sorted(str(nb.relative_to(root)) for nb in (root / "nbs").rglob("*.ipynb")
+                  if any(not c.get("id") for c in json.loads(nb.read_text())["cells"]))
+
+
 def main() -> int:
     files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT).split("\0")
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,6 +53,10 @@ def main() -> int:
         changed = git("status", "--porcelain", "--untracked-files=all", cwd=tmp).strip()
         orphans = orphan_modules(tmp)
     ok = True
+    no_ids = cells_without_id(ROOT)
+    if no_ids:
+        ok = False
+        print("notebook cells without an id (open and save them in Jupyter, or add ids):", ", ".join(no_ids))
     if changed:
         ok = False
         print("nbdev drift: `nbdev_clean && nbdev_export` change these files; run `make export` and commit:")

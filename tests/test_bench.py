@@ -1,0 +1,75 @@
+"""Benchmarks run tiny: each writes bench_<name>.json and .md with the expected keys and positive throughputs.
+
+Speed targets are not asserted here (the machines are shared and noisy); `run_bench` with the default sizes measures them.
+"""
+import json
+import os
+
+import pytest
+
+from conftest import ROOT
+from wsi_study.bench import run_bench, synthetic_slide, usable_cpus
+from wsi_study.core import WsiStudyError
+
+CMU = ROOT / "data" / "wsi" / "cmu_small_region.svs"
+KEYS = {"bench", "device", "machine", "params", "measurements", "values", "notes", "runs", "passed", "failed",
+        "seconds", "load_average_after"}
+
+
+def read_outputs(out, name):
+    "The JSON and markdown a benchmark wrote, checked for the common keys and the table header."
+    data = json.loads((out / f"bench_{name}.json").read_text())
+    md = (out / f"bench_{name}.md").read_text()
+    assert KEYS <= set(data), KEYS - set(data)
+    assert {"cpu_count", "cpus_usable", "torch_threads", "device_name", "load_average"} <= set(data["machine"])
+    assert "| measurement | value | target | pass |" in md and f"# Benchmark `{name}`" in md
+    for row in data["measurements"]:
+        assert {"key", "measurement", "value", "unit", "target", "passed"} <= set(row)
+        assert row["measurement"] in md
+    return data, md
+
+
+def test_bench_io(tmp_path):
+    """io: raw OpenSlide, TIAToolbox read_rect and our loader (in process, 1 and 2 workers) all read patches."""
+    workers = (1, 2) if len(usable_cpus()) >= 2 else (1,)
+    res = run_bench("io", tmp_path, slide=CMU, n_reads=32, batch_size=8, workers=workers, rounds=1, progress=False)
+    data, md = read_outputs(tmp_path, "io")
+    v = data["values"]
+    for k in ["raw_openslide_per_s", "tiatoolbox_per_s", "loader_w0_per_s"] + [f"loader_w{w}_per_s" for w in workers]:
+        assert v[k] > 0, k
+    targets = {r["key"]: r["target"] for r in data["measurements"]}
+    assert targets["loader_vs_openslide"] == "≥ 0.8" and targets["loader_vs_tiatoolbox"] == "≥ 1.3"
+    assert "scaling_w2" in v or len(workers) == 1
+    assert all(r["items"] == 32 for runs in data["runs"].values() for r in runs)
+    assert res["values"] == v
+
+
+def test_bench_embed(tmp_path):
+    """embed: pure forward, embed_slide and TIAToolbox's DeepFeatureExtractor embed the same 16 patches."""
+    run_bench("embed", tmp_path, slide=CMU, model="random:mobilenetv3_small_050", n_patches=16, batch_size=8,
+              threads=1, rounds=1, progress=False)
+    data, _ = read_outputs(tmp_path, "embed")
+    v = data["values"]
+    assert v["forward_per_s"] > 0 and v["embed_slide_per_s"] > 0 and v["embed_vs_forward"] > 0
+    assert data["tiatoolbox_error"] is None, data["tiatoolbox_error"]
+    assert v["tiatoolbox_per_s"] > 0 and v["n_patches"] == v["tiatoolbox_n_patches"] == 16
+    assert v["rss_growth_mib"] is not None and data["machine"]["device"] == "cpu"
+    assert not list(tmp_path.glob(".bench-embed-*"))  # scratch files are removed
+
+
+def test_bench_tiling(tmp_path):
+    """tiling: ours and the TIAToolbox baseline tile a cached 4096-px synthetic slide to similar patch counts."""
+    run_bench("tiling", tmp_path, size=4096, rounds=1, progress=False)
+    data, _ = read_outputs(tmp_path, "tiling")
+    v = data["values"]
+    assert v["tile_slide_seconds"] > 0 and v["tiatoolbox_seconds"] > 0
+    assert v["n_patches"] > 0 and v["tiatoolbox_n_patches"] > 0 and v["patch_count_ratio"] > 0
+    slide = tmp_path / "cache" / "synthetic_4096px_C_seed0.tiff"
+    mtime = os.stat(slide).st_mtime_ns
+    assert synthetic_slide(tmp_path / "cache", 4096, progress=False) == slide and os.stat(slide).st_mtime_ns == mtime
+
+
+def test_unknown_bench(tmp_path):
+    """An unknown benchmark name is a one-line WsiStudyError naming the choices."""
+    with pytest.raises(WsiStudyError, match="unknown benchmark 'nope'; choose one of io, embed, tiling"):
+        run_bench("nope", tmp_path)

@@ -1,0 +1,230 @@
+"""Evaluation: C-index, splits, bad inputs, metrics, attention localisation and train_cv end to end on a tiny cohort."""
+import json
+import logging
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from wsi_study.core import WsiStudyError
+from wsi_study.evaluation.attention import localisation_auc, patch_truth, write_attention
+from wsi_study.evaluation.cv import bench_mil, train_cv, write_synthetic_cohort
+from wsi_study.evaluation.metrics import PROB_COLS, bootstrap, compare_runs, harrell_cindex, oracle_cindex, stage_metrics
+from wsi_study.evaluation.splits import check_splits, load_splits, make_splits, save_splits
+from wsi_study.models.bags import load_bags, synthetic_bags, write_features
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    "A 32-patient cohort of feature files (one slide each, 16-d) with a planted stage and survival signal."
+    return write_synthetic_cohort(tmp_path_factory.mktemp("mil"), synthetic_bags(32, dim=16, seed=0))
+
+
+@pytest.fixture
+def warnings_of_wsi_study(caplog):
+    "Capture the package logger (it does not propagate to the root logger)."
+    log = logging.getLogger("wsi_study")
+    log.addHandler(caplog.handler)
+    yield caplog
+    log.removeHandler(caplog.handler)
+
+
+def test_cindex_matches_lifelines():
+    """Harrell's C equals lifelines' concordance_index (risk negated), ties in time and risk included."""
+    from lifelines.utils import concordance_index
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        t = rng.integers(1, 8, 50).astype(float)
+        r = rng.integers(0, 5, 50).astype(float)
+        e = rng.integers(0, 2, 50)
+        assert abs(harrell_cindex(t, r, e) - concordance_index(t, -r, e)) < 1e-12
+    assert harrell_cindex([1, 2, 3, 4], [4, 3, 2, 1], [1, 1, 1, 0]) == 1.0
+    assert np.isnan(harrell_cindex([1, 2], [1, 2], [0, 0]))
+
+
+def test_splits_contract_and_stratification(tmp_path):
+    """Every patient is tested exactly once, has one role per fold, folds are stratified, files round-trip."""
+    lab = synthetic_bags(40).labels
+    for task, col in (("stage", "stage_index"), ("survival", "event")):
+        sp = make_splits(lab, task, folds=5, seed=7)
+        test = sp[sp.role == "test"]
+        assert sorted(test.patient_id) == sorted(lab.index) and not test.patient_id.duplicated().any()
+        assert not sp.duplicated(["fold", "patient_id"]).any()
+        assert (sp.groupby("fold").size() == len(lab)).all()
+        per_fold = test.merge(lab, left_on="patient_id", right_index=True).groupby(["fold", col]).size().unstack(fill_value=0)
+        assert (per_fold.max() - per_fold.min()).max() <= 1  # stratified: each class spread evenly over folds
+        assert (sp[sp.role == "val"].groupby("fold").size() > 0).all()
+        back = load_splits(save_splits(sp, tmp_path / f"{task}.csv"), lab, task)
+        assert back.astype(str).equals(sp.astype(str))
+    assert make_splits(lab, "stage", 5, seed=7).equals(make_splits(lab, "stage", 5, seed=7))
+
+
+def test_fold_without_events_is_an_error(tmp_path):
+    """Too few events for the folds: a WsiStudyError that says to use fewer folds."""
+    bags = synthetic_bags(20)
+    bags.labels = bags.labels.assign(event=0.0)
+    bags.labels.iloc[[0, 1], bags.labels.columns.get_loc("event")] = 1.0
+    with pytest.raises(WsiStudyError, match="use fewer folds"):
+        check_splits(make_splits(bags.labels, "survival", folds=5), bags.labels, "survival")
+    with pytest.raises(WsiStudyError, match="use fewer folds"):
+        train_cv(bags, None, "meanpool", "survival", tmp_path, folds=5, progress=False)
+
+
+def test_bad_splits_files(tmp_path):
+    """A splits file missing cohort patients, or testing a patient twice, is refused with a message."""
+    lab = synthetic_bags(12).labels
+    sp = make_splits(lab, "stage", folds=3)
+    save_splits(sp[sp.patient_id != "p003"], tmp_path / "s.csv")
+    with pytest.raises(WsiStudyError, match="not in the splits file"):
+        load_splits(tmp_path / "s.csv", lab, "stage")
+    twice = sp.copy()
+    twice.loc[(twice.patient_id == "p003") & (twice.role != "test"), "role"] = "test"
+    with pytest.raises(WsiStudyError, match="more than one test fold"):
+        check_splits(twice, lab, "stage")
+
+
+def _manifest(tmp_path, rows):
+    (tmp_path / "m.csv").write_text("slide_id,patient_id,path,stage,survival_months,event\n" +
+                                    "".join(f"{s},{p},m.csv,B,10,1\n" for s, p in rows))
+    return tmp_path / "m.csv"
+
+
+def test_bad_feature_files_are_named(tmp_path):
+    """Missing files, different dimensions and NaN/inf are reported together, naming the slides."""
+    man = _manifest(tmp_path, [("s1", "p1"), ("s2", "p2"), ("s3", "p3"), ("s4", "p4")])
+    write_features(tmp_path / "f" / "s1.h5", np.zeros((3, 8)))
+    write_features(tmp_path / "f" / "s2.h5", np.zeros((3, 6)))
+    bad = np.zeros((3, 8)); bad[1, 2] = np.inf; bad[0, 0] = np.nan
+    write_features(tmp_path / "f" / "s3.h5", bad)
+    with pytest.raises(WsiStudyError) as e:
+        load_bags(man, tmp_path / "f")
+    msg = str(e.value)
+    assert "no feature file" in msg and "s4" in msg
+    assert "differ in dimension" in msg and "s2" in msg and "D=6" in msg and "D=8" in msg
+    assert "NaN or inf" in msg and "s3 (2 values)" in msg
+    with pytest.raises(WsiStudyError, match="pass the encoder name"):
+        load_bags(man, tmp_path)
+
+
+def test_patient_without_patches_is_left_out(tmp_path, warnings_of_wsi_study):
+    """A patient whose slides have no patches is dropped with a warning naming it."""
+    man = _manifest(tmp_path, [("s1", "p1"), ("s2", "p2"), ("s3", "p2")])
+    write_features(tmp_path / "f" / "s1.h5", np.ones((4, 5)))
+    write_features(tmp_path / "f" / "s2.h5", np.zeros((0, 5)))
+    write_features(tmp_path / "f" / "s3.h5", np.zeros((0, 5)))
+    bags = load_bags(man, tmp_path / "f")
+    assert bags.patients == ["p1"]
+    assert "patient p2 has no patches" in warnings_of_wsi_study.text
+
+
+def test_stage_metrics_and_bootstrap():
+    """Perfect probabilities give AUC 1 and a diagonal confusion matrix; bootstrap intervals bracket the value."""
+    y = np.arange(40) % 4
+    p = np.eye(4)[y] * 0.7 + 0.075
+    pred = pd.DataFrame(p, columns=PROB_COLS).assign(fold=np.arange(40) // 10, stage_index=y, pred_index=y)
+    m = stage_metrics(pred, n_boot=50)
+    assert m["auc_macro"][0] == 1.0 and m["balanced_accuracy"][0] == 1.0 and m["confusion_C_C"] == 10
+    assert m["confusion_A_B"] == 0 and m["f1_B"] == 1.0 and m["auc_macro_fold_mean"] == 1.0
+    v, lo, hi = bootstrap(lambda i: float(np.mean(i < 20)), 40, n_boot=200)
+    assert lo <= v <= hi and hi - lo > 0.05
+
+
+def test_localisation_uses_patch_centres(tmp_path):
+    """A patch is positive when its centre is in tumour or immune; AUC 1 for attention on exactly those patches."""
+    tumour = np.zeros((8, 8), bool); tumour[:, :2] = True
+    immune = np.zeros((8, 8), bool); immune[:, 6:] = True
+    np.savez(tmp_path / "s.npz", tissue=np.ones((8, 8), bool), tumour=tumour, immune=immune, downsample=np.array(32))
+    xy = np.array([[x, 0] for x in range(0, 224, 32)])
+    truth = patch_truth(tmp_path / "s.npz", xy, 48)  # centres at x + 24
+    assert truth.tolist() == [True, True, False, False, False, False, True]  # centres in mask columns 0..6
+    write_attention(tmp_path / "run", "s", truth * 1.0 + 0.1, xy, 48)
+    m, per = localisation_auc(tmp_path / "run", tmp_path, n_boot=10)
+    assert m["localisation_auc"][0] == 1.0 and m["localisation_n_slides"] == 1
+
+
+def test_oracle_cindex(tmp_path):
+    """The oracle row is the C-index of the mean latent risk over a patient's slides."""
+    lab = synthetic_bags(12).labels
+    risk = -np.log(lab.survival_months.to_numpy())
+    rows = [(f"{p}-S{j}", p, r + (0.01 if j else -0.01)) for p, r in zip(lab.index, risk) for j in range(2)]
+    pd.DataFrame(rows, columns=["slide_id", "patient_id", "latent_risk"]).to_csv(tmp_path / "truth.csv", index=False)
+    c, lo, hi = oracle_cindex(tmp_path / "truth.csv", lab, n_boot=20)
+    assert c == harrell_cindex(lab.survival_months, risk, lab.event) == 1.0
+
+
+def test_train_cv_attention_model_end_to_end(cohort, tmp_path):
+    """ABMIL on the planted stage signal: files written, AUC well above chance, attention per slide; repeatable."""
+    out = tmp_path / "abmil"
+    m = train_cv(cohort, cohort.parent / "features", "abmil", "stage", out, folds=3, seed=0, epochs=40, progress=False,
+                 n_boot=100, hidden=32, attn_hidden=16, batch_size=8, lr=2e-3)
+    for f in ("metrics.json", "predictions.csv", "splits.csv", "params.json", "figures/confusion_matrix.png",
+              "figures/training_curves.png"):
+        assert (out / f).is_file(), f
+    pred = pd.read_csv(out / "predictions.csv")
+    assert list(pred.columns[:7]) == ["patient_id", "fold", *PROB_COLS, "pred"] and len(pred) == 32
+    assert m["auc_macro"] > 0.75 and m["auc_macro_ci_low"] <= m["auc_macro"] <= m["auc_macro_ci_high"]
+    assert json.loads((out / "metrics.json").read_text())["auc_macro"] == m["auc_macro"]
+    assert len(list((out / "attention").glob("*.h5"))) == 32
+    with h5py.File(out / "attention" / "p000-S1.h5") as f:
+        assert len(f["attention"]) == len(f["coords"]) and f.attrs["fold"] in (0, 1, 2)
+    again = train_cv(cohort, cohort.parent / "features", "abmil", "stage", tmp_path / "again", folds=3, seed=0, epochs=40,
+                     progress=False, n_boot=100, hidden=32, attn_hidden=16, batch_size=8, lr=2e-3, heatmaps=0)
+    assert (tmp_path / "again" / "metrics.json").read_text() == (out / "metrics.json").read_text()  # same seed, same metrics
+    assert pd.read_csv(tmp_path / "again" / "predictions.csv").equals(pred)
+
+
+def test_train_cv_deepattnmisl_and_meanpool_are_paired(cohort, tmp_path):
+    """DeepAttnMISL and the mean-pool Cox baseline on the same splits file both find the planted survival signal."""
+    dam = train_cv(cohort, cohort.parent / "features", "deepattnmisl", "survival", tmp_path / "dam", folds=3, k=4,
+                   progress=False, n_boot=100, heatmaps=0)
+    mp = train_cv(cohort, cohort.parent / "features", "meanpool", "survival", tmp_path / "mp",
+                  splits=tmp_path / "dam" / "splits.csv", progress=False, n_boot=100)
+    assert pd.read_csv(tmp_path / "mp" / "splits.csv").equals(pd.read_csv(tmp_path / "dam" / "splits.csv"))
+    assert dam["cindex"] > 0.6 and mp["cindex"] > 0.6, (dam["cindex"], mp["cindex"])
+    pred = pd.read_csv(tmp_path / "dam" / "predictions.csv")
+    assert {"patient_id", "fold", "risk", "group", "survival_months", "event"} <= set(pred.columns)
+    assert (tmp_path / "dam" / "figures" / "km_risk_groups.png").is_file()
+    assert len(list((tmp_path / "dam" / "attention").glob("*.h5"))) == 32
+    c = compare_runs(tmp_path / "dam", tmp_path / "mp", n_boot=50)  # paired: the same patients in the same folds
+    assert c["metric"] == "cindex" and c["n_patients"] == 32 and c["difference"][1] <= c["difference"][0] <= c["difference"][2]
+
+
+def test_train_cv_bad_arguments(cohort, tmp_path):
+    """Unknown model, task or hyperparameter: a WsiStudyError naming what is allowed."""
+    with pytest.raises(WsiStudyError, match="unknown model"):
+        train_cv(cohort, cohort.parent / "features", "transmil", "stage", tmp_path)
+    with pytest.raises(WsiStudyError, match="unknown task"):
+        train_cv(cohort, cohort.parent / "features", "abmil", "grade", tmp_path)
+    with pytest.raises(WsiStudyError, match="unknown hyperparameters for abmil: k"):
+        train_cv(cohort, cohort.parent / "features", "abmil", "stage", tmp_path, k=3)
+
+
+def test_bench_mil_small():
+    """The benchmark runs on a small synthetic cohort and reports both models' epoch times."""
+    r = bench_mil(patients=12, patches=30, dim=16, k=4, batch_size=4, abmil_batches=2, device="cpu", progress=False)
+    assert r["abmil_timed_batches"] == 2 and r["deepattnmisl_epoch_s"] >= 0 and r["abmil_epoch_s"] > 0
+
+
+def test_cli_train_writes_the_contract_and_bad_input_exits_2(cohort, tmp_path):
+    """`wsi-study train` as a user runs it: files and predictions.csv columns; a missing feature folder is exit 2."""
+    import subprocess
+    from conftest import CLI
+    exe = [CLI, "-q", "train", str(cohort), "--features", str(cohort.parent / "features")]
+    r = subprocess.run(exe + ["--model", "meanpool", "--task", "stage", "--out", str(tmp_path / "mp"), "--folds", "3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "auc_macro" in r.stdout and "balanced_accuracy" in r.stdout
+    pred = pd.read_csv(tmp_path / "mp" / "predictions.csv")
+    assert list(pred.columns[:7]) == ["patient_id", "fold", *PROB_COLS, "pred"] and pred.patient_id.is_unique
+    assert set(pred.pred) <= set("ABCD")
+    for f in ("metrics.json", "splits.csv", "figures/confusion_matrix.png"):
+        assert (tmp_path / "mp" / f).is_file(), f
+    r = subprocess.run(exe + ["--model", "maxpool", "--task", "survival", "--out", str(tmp_path / "max"), "--epochs", "3",
+                              "--splits", str(tmp_path / "mp" / "splits.csv")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "cindex" in r.stdout and list(pd.read_csv(tmp_path / "max" / "predictions.csv").columns[:3]) == ["patient_id", "fold", "risk"]
+    r = subprocess.run([CLI, "train", str(cohort), "--features", str(tmp_path / "nowhere"),
+                        "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and "nowhere" in r.stderr, r.stderr

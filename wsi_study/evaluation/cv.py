@@ -34,17 +34,17 @@ from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'model_params', 'feature_moments', 'other_task', 'batch_loss',
-           'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold', 'train_cv',
+           'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold', 'member_splits', 'train_cv',
            'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
 
 TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, patience=15, min_epochs=10,
-                      val_frac=0.2, ordinal=False, ties="breslow", l1=0.0, aux_weight=None, threads=1)
+                      val_frac=0.2, ordinal=False, ties="breslow", l1=0.0, aux_weight=None, threads=1, members=1)
 MODEL_DEFAULTS = {
-    "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.25, occupancy=False, max_points=50_000,
-                         pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30),
+    "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
+                         members=5, pca=16, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30),
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
@@ -171,15 +171,37 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         base = MeanPoolBaseline(task, **_kwargs(MeanPoolBaseline, hp), seed=seed).fit(X[fit_idx], bags.labels.iloc[fit_idx])
         return {"idx": everyone, "pred": base.predict(X[everyone]), "attention": [], "history": [],
                 "best_epoch": None, "seconds": time.perf_counter() - t0}
-    torch.manual_seed(seed); rng = np.random.default_rng(seed)
-    inputs = make_inputs(bags, model, idx["train"], hp, seed, device)
-    net = NETS[model](inputs.dim, task=task, ordinal=hp["ordinal"], aux_task=other_task(task) if hp["aux_weight"] else None,
-                      **_kwargs(NETS[model], hp)).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    rng, members = np.random.default_rng(seed), int(hp["members"])
+    subs = [idx] if members <= 1 else member_splits(bags.labels, fit_idx, idx["test"], task, members, seed)
+    inputs = make_inputs(bags, model, idx["train"] if members <= 1 else fit_idx, hp, seed, device)
     targets = _targets(bags.labels, device)
-    with cpu_threads(hp["threads"], device):
-        r = _fit(net, inputs, idx, targets, opt, task, hp, rng, progress, fold)
-    return {**r, "seconds": time.perf_counter() - t0}
+    preds, atts, history, best = [], [], [], []
+    for j, sub in enumerate(subs):
+        torch.manual_seed(seed + 1000 * j)
+        net = NETS[model](inputs.dim, task=task, ordinal=hp["ordinal"], aux_task=other_task(task) if hp["aux_weight"] else None,
+                          **_kwargs(NETS[model], hp)).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+        with cpu_threads(hp["threads"], device):
+            r = _fit(net, inputs, sub, targets, opt, task, hp, rng, progress, fold)
+        p = np.asarray(r["pred"])[pd.Series(np.arange(len(r["idx"])), index=r["idx"]).loc[everyone].to_numpy()]
+        if members > 1 and task == "survival":  # each member's risk on its own scale: standardise on the fit patients
+            fp = p[:len(fit_idx)]; p = (p - fp.mean()) / (fp.std() or 1.0)
+        preds.append(p); atts.append(r["attention"]); best.append(r["best_epoch"])
+        history += [{**h, "member": j} for h in r["history"]]
+    attention = [np.mean([a[i] for a in atts], 0) for i in range(len(idx["test"]))] if atts[0] else []
+    done = [b for b in best if b is not None]
+    return {"idx": everyone, "pred": np.mean(preds, 0), "attention": attention, "history": history,
+            "best_epoch": float(np.mean(done)) if done else None, "seconds": time.perf_counter() - t0}
+
+def member_splits(labels: pd.DataFrame, fit_idx, test_idx, task: str, members: int, seed: int = 0) -> list[dict]:
+    "Train/val roles for an ensemble: the fold's training patients in `members` stratified parts, each once the validation set."
+    from sklearn.model_selection import KFold, StratifiedKFold
+    fit_idx = np.asarray(fit_idx)
+    y = labels["stage_index" if task == "stage" else "event"].to_numpy().astype(int)[fit_idx]
+    cnt = np.bincount(y)
+    kf = StratifiedKFold(members, shuffle=True, random_state=seed) if cnt[cnt > 0].min() >= members else \
+        KFold(members, shuffle=True, random_state=seed)
+    return [{"train": fit_idx[tr], "val": fit_idx[va], "test": np.asarray(test_idx)} for tr, va in kf.split(fit_idx, y)]
 
 def _fit(net, inputs, idx, targets, opt, task, hp, rng, progress, fold) -> dict:
     best, state, best_epoch, history, skipped = float("inf"), None, None, [], 0
@@ -215,6 +237,7 @@ def _truth_dir(manifest, truth) -> Path | None:
     return None
 
 def _curves(history: pd.DataFrame, title: str):
+    if "member" in history: history = history[history.member == 0]  # an ensemble: the first member's curves
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for f, g in history.groupby("fold"):
         line, = ax.plot(g.epoch, g.train_loss, lw=1, label=f"fold {f} train")

@@ -89,24 +89,33 @@ def cluster_summaries(features: torch.Tensor,  # (N, D) patches, patient after p
                       centroids: torch.Tensor,  # (k, D) on the device to compute on
                       norm: tuple | None = None,  # (mean, sd) to standardise the patches with first
                       chunk: int = 32768,  # patches per step
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "One pass over the patches: cluster of each patch (N,), per-patient cluster means (P, k, D) and counts (P, k)."
+                      project: tuple | None = None,  # (centre, axes): also return every standardised patch projected
+                     ) -> tuple[torch.Tensor, ...]:
+    """One pass over the patches: cluster of each patch (N,), per-patient cluster means (P, k, D) and counts (P, k);
+    with `project`, a fourth result: the standardised patches projected on the axes, (x − centre) @ axes (N, q)."""
     P, (k, D), dev = len(offsets) - 1, centroids.shape, centroids.device
     mu, sd = (torch.zeros(D, device=dev), torch.ones(D, device=dev)) if norm is None else norm
     # standardising is folded into the centroids (nearest) and applied to the means afterwards: raw patches stream once
     c_raw = centroids / sd
     bias = (centroids * centroids).sum(1) + 2 * (c_raw * mu).sum(1)
     pid = torch.as_tensor(np.repeat(np.arange(P), np.diff(offsets)))
-    sums, counts, assign = torch.zeros(P * k, D, device=dev), torch.zeros(P * k, device=dev), []
+    if project is not None:  # the same folding: ((x − mu)/sd − centre) @ A = x @ (A/sd) − (mu/sd + centre) @ A
+        w_raw = project[1] / sd[:, None]
+        b_raw = -((mu / sd + project[0]) @ project[1])
+    sums, counts, assign, projected = torch.zeros(P * k, D, device=dev), torch.zeros(P * k, device=dev), [], []
     for s in range(0, len(features), chunk):
         xc = features[s:s + chunk].to(dev, torch.float32)
         a = torch.addmm(bias, xc, c_raw.T, alpha=-2).argmin(1)
         g = pid[s:s + chunk].to(dev) * k + a
         sums.index_add_(0, g, xc); counts.index_add_(0, g, torch.ones(len(g), device=dev))
         assign.append(a)
+        if project is not None: projected.append(torch.addmm(b_raw, xc, w_raw))
     assign = torch.cat(assign) if assign else torch.zeros(0, dtype=torch.long, device=dev)
     means = torch.where(counts[:, None] > 0, (sums / counts.clamp(min=1)[:, None] - mu) / sd, 0.0)
-    return assign, means.reshape(P, k, D), counts.reshape(P, k)
+    out = (assign, means.reshape(P, k, D), counts.reshape(P, k))
+    if project is None: return out
+    q = project[1].shape[1]
+    return out + (torch.cat(projected) if projected else torch.zeros(0, q, device=dev),)
 
 class ClusterInputs:
     "DeepAttnMISL's inputs: cluster means and counts per patient, from k-means fitted on the training patients only."
@@ -117,23 +126,31 @@ class ClusterInputs:
                  max_points: int = 50_000,  # k-means sample size
                  occupancy: bool = False,  # append each cluster's share of the patient's patches to its mean
                  pca: int | None = None,  # project cluster means on this many principal components of the training patches
+                 pool: str = "patch",  # "patch": MI-FCN on every patch, then the cluster mean; "mean": on cluster means
                 ):
-        self.bags, self.k, self.occupancy, self.device = bags, k, occupancy, torch.device(device)
+        if pool not in ("patch", "mean"): raise WsiStudyError(f"pool must be 'patch' or 'mean', got {pool!r}")
+        self.bags, self.k, self.occupancy, self.device, self.pool = bags, k, occupancy, torch.device(device), pool
         self.norm = None if norm is None else tuple(torch.as_tensor(v, device=self.device) for v in norm)
         rows = np.concatenate([np.arange(bags.offsets[i], bags.offsets[i + 1]) for i in train_idx])
         g = torch.Generator().manual_seed(seed)
         if len(rows) > max_points: rows = rows[torch.randperm(len(rows), generator=g)[:max_points].numpy()]
         pts = self._standardise(bags.features[torch.as_tensor(np.sort(rows))])
         self.centroids = kmeans_fit(pts, k, seed=seed, max_points=max_points)
-        self.assign, self.means, self.counts = cluster_summaries(bags.features, bags.offsets, self.centroids, self.norm)
         self.proj = None
         if pca and pca < bags.dim:  # principal axes of (a sample of) the training patches, from the covariance
             sub = pts[:20_000]
             centre = sub.mean(0)
             evals, evecs = torch.linalg.eigh(((sub - centre).T @ (sub - centre)).double() / max(len(sub) - 1, 1))
             self.proj = (centre, evecs[:, -pca:].flip(1).float())
-            self.means = torch.where(self.counts[..., None] > 0, self._project(self.means), 0.0)
+        # one pass over every patch: clusters, cluster means and (pool="patch") the projected patches, computed once
+        axes = self.proj or (torch.zeros(bags.dim, device=self.device), torch.eye(bags.dim, device=self.device))
+        res = cluster_summaries(bags.features, bags.offsets, self.centroids, self.norm,
+                                project=axes if pool == "patch" else None)
+        self.assign, self.means, self.counts = res[:3]
+        self.patches = res[3] if pool == "patch" else None
+        if self.proj is not None: self.means = torch.where(self.counts[..., None] > 0, self._project(self.means), 0.0)
         self.dim = (pca if self.proj is not None else bags.dim) + int(occupancy)
+        self.share = self.counts / self.counts.sum(1, keepdim=True).clamp(min=1)
 
     def _standardise(self, x):
         x = x.to(self.device, torch.float32)
@@ -143,9 +160,20 @@ class ClusterInputs:
         return x if self.proj is None else (x - self.proj[0]) @ self.proj[1]
 
     def batch(self, idx, train: bool = False) -> dict:
-        "Model inputs for patients `idx`: `x` (B, k, D[+1]) and `mask` (B, k), True for non-empty clusters."
-        idx = torch.as_tensor(np.asarray(idx), device=self.device)
-        x, n = self.means[idx], self.counts[idx]
+        """Model inputs for patients `idx`: `x` (B, k, D[+1]) and `mask` (B, k), True for non-empty clusters; with
+        `pool='patch'`, `x` holds the batch's patches (N, D[+1]) and `group` (N,) = position in batch × k + cluster."""
+        ids = np.asarray(idx)
+        idx = torch.as_tensor(ids, device=self.device)
+        n = self.counts[idx]
+        if self.pool == "patch":
+            rows = np.concatenate([np.arange(self.bags.offsets[i], self.bags.offsets[i + 1]) for i in ids])
+            pos = np.repeat(np.arange(len(ids)), self.bags.sizes[ids])
+            r = torch.as_tensor(rows, device=self.device)
+            a = self.assign[r]
+            x = self.patches[r]
+            if self.occupancy: x = torch.cat([x, self.share[torch.as_tensor(ids[pos], device=self.device), a][:, None]], 1)
+            return {"x": x, "mask": n > 0, "group": torch.as_tensor(pos, device=self.device) * self.k + a}
+        x = self.means[idx]
         if self.occupancy: x = torch.cat([x, (n / n.sum(1, keepdim=True))[..., None]], -1)
         return {"x": x, "mask": n > 0}
 
@@ -163,7 +191,7 @@ class ClusterInputs:
             s = row[a]
             if mode == "weight": s = s / n[a]
             elif mode == "refined":  # the cluster's attention × the patch's weight within its cluster (mean 1)
-                x = self._project(self._standardise(self.bags.features[lo:hi]))
+                x = self.patches[lo:hi] if self.patches is not None else self._project(self._standardise(self.bags.features[lo:hi]))
                 if self.occupancy: x = torch.cat([x, (n / n.sum())[a][:, None]], 1)
                 logit = net.attn(net.fcn(x)).squeeze(-1)
                 e = torch.exp(logit - logit.max())
@@ -195,10 +223,17 @@ class DeepAttnMISL(nn.Module):
         self.head = TaskHead(attn_hidden, task, ordinal)
         self.aux_head = TaskHead(attn_hidden, aux_task, ordinal) if aux_task else None
 
-    def forward(self, x: torch.Tensor,  # (B, k, D) cluster vectors
+    def forward(self, x: torch.Tensor,  # (B, k, D) cluster vectors, or (N, D) patches with `group`
                 mask: torch.Tensor,  # (B, k) True for non-empty clusters
+                group: torch.Tensor | None = None,  # (N,) patient-in-batch × k + cluster of each patch
                 **_) -> dict:
-        h = self.fcn(torch.where(mask[..., None], x, torch.zeros_like(x)))
+        if group is None: h = self.fcn(torch.where(mask[..., None], x, torch.zeros_like(x)))
+        else:  # the MI-FCN on every patch, then the mean inside each patient's cluster
+            hp = self.fcn(x)
+            B, k = mask.shape
+            s = torch.zeros(B * k, hp.shape[1], device=hp.device, dtype=hp.dtype).index_add_(0, group, hp)
+            n = torch.zeros(B * k, device=hp.device, dtype=hp.dtype).index_add_(0, group, torch.ones_like(hp[:, 0]))
+            h = (s / n.clamp(min=1)[:, None]).reshape(B, k, -1)
         a = masked_softmax(self.attn(h).squeeze(-1), mask)
         z = self.rho((a[..., None] * torch.where(mask[..., None], h, torch.zeros_like(h))).sum(1))
         out = {"out": self.head(z), "attention": a}

@@ -228,3 +228,24 @@ def test_cli_train_writes_the_contract_and_bad_input_exits_2(cohort, tmp_path):
                         "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and "nowhere" in r.stderr, r.stderr
+
+
+def test_ensemble_members_never_see_the_test_fold(cohort, tmp_path):
+    """members > 1: every training patient validates once, test patients never train or validate; outputs as usual."""
+    from wsi_study.evaluation.cv import member_splits
+    bags = load_bags(cohort, cohort.parent / "features", task="stage")
+    sp = make_splits(bags.labels, "stage", 4, seed=0)
+    test = np.flatnonzero(np.isin(bags.patients, sp[(sp.fold == 0) & (sp.role == "test")].patient_id))
+    fit = np.setdiff1d(np.arange(len(bags)), test)
+    subs = member_splits(bags.labels, fit, test, "stage", 3)
+    assert len(subs) == 3 and sorted(np.concatenate([s["val"] for s in subs]).tolist()) == fit.tolist()
+    for s in subs:
+        assert not set(s["train"]) & set(test) and not set(s["val"]) & set(test) and not set(s["train"]) & set(s["val"])
+    m = train_cv(cohort, cohort.parent / "features", "deepattnmisl", "survival", tmp_path / "ens", folds=3, k=4, members=3,
+                 epochs=20, progress=False, n_boot=50, heatmaps=0)
+    pred = pd.read_csv(tmp_path / "ens" / "predictions.csv")
+    assert len(pred) == 32 and pred.risk.notna().all() and 0 <= m["cindex"] <= 1
+    hist = pd.read_csv(tmp_path / "ens" / "history.csv")
+    assert sorted(hist.member.unique()) == [0, 1, 2]
+    with h5py.File(tmp_path / "ens" / "attention" / "p000-S1.h5") as f:
+        assert np.isfinite(f["attention"][:]).all() and len(f["attention"]) == len(f["coords"])

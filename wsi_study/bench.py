@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .core import WsiStudyError, get_logger, project_root, write_json, write_text
-from .embedding import PatchDataset, embed_slide, resolve_device, stack_patches
+from .embedding import PatchDataset, embed_slide, normalise, resolve_device, stack_patches
 from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, load_encoder
 from .slides import open_slide, quiet_readers, slide_mpp
 from .tiling import grid_coords, tile_slide, tissue_fraction, tissue_mask
@@ -219,10 +219,6 @@ def write_report(res: dict, out_dir) -> dict:
     return res
 
 # %% ../nbs/08_bench.ipynb #e9eddd09
-def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    "(x/255 - mean)/std of a uint8 batch, the way `embed_slide` computes it (one subtract and one multiply, in place)."
-    return x.float().sub_(mean * 255).mul_(1 / (std * 255))
-
 def _children_cpu() -> float:
     "CPU seconds used so far by this process's live children."
     total = 0.0
@@ -267,18 +263,18 @@ def bench_io(out_dir,  # where scratch files go
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     model = torch.nn.Identity()
     loaders = {}
-    def loader(w, normalise=True):
+    def loader(w, normalised=True):
         ds = PatchDataset(slide, coords, patch_size, patch_size, backend="openslide")
         dl = DataLoader(ds, batch_size=batch_size, num_workers=w, collate_fn=stack_patches, persistent_workers=w > 0,
                         prefetch_factor=4 if w else None)
-        loaders[w, normalise] = dl
+        loaders[w, normalised] = dl
         def run():
             n, c0 = 0, _children_cpu()
             with torch.inference_mode():
                 for x in dl:
-                    model(_normalise(x, mean, std) if normalise else x)
+                    model(normalise(x, mean, std) if normalised else x)
                     n += len(x)
-            worker_cpu[f"loader_w{w}" + ("" if normalise else "_uint8")].append(_children_cpu() - c0)
+            worker_cpu[f"loader_w{w}" + ("" if normalised else "_uint8")].append(_children_cpu() - c0)
             return n
         return run
 
@@ -329,7 +325,7 @@ def bench_io(out_dir,  # where scratch files go
                          "(scaling if the CPUs were free)", per_cpu[w] / per_cpu[1], "×") for w in big if w in per_cpu]
     notes = [f"{len(grid)} whole {patch_size}-px patches on the grid, cycled to {len(coords)} reads per run; best of "
              f"{rounds} interleaved rounds after a warm-up; batch size {batch_size}; loader normalisation "
-             "`x.float().sub_(255 mean).mul_(1 / (255 std))` as in `embed_slide`, model = identity.",
+             "`addcmul(-mean/std, x, 1/(255 std))` (`embedding.normalise`) as in `embed_slide`, model = identity.",
              "All readers go through OpenSlide with its default tile cache; a slide as small as CMU-1-Small-Region "
              "fits in it, so after the warm-up most reads are cache hits for every contender alike.",
              f"Workers are persistent and started in the warm-up; {cpus} usable CPUs, so at most {cpus} workers."]
@@ -417,7 +413,7 @@ def bench_embed(out_dir,  # where scratch files go
         ds = PatchDataset(slide, coords[:nb], size, size, out_size=size)
         mean = torch.tensor(enc.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(enc.std, device=device).view(1, 3, 1, 1)
-        x = _normalise(torch.stack([ds[i] for i in range(nb)]).to(device), mean, std)
+        x = normalise(stack_patches([ds[i] for i in range(nb)]).to(device), mean, std)  # the memory layout embed_slide gets
         if cuda: x = x.contiguous(memory_format=torch.channels_last)
         def forward(sizes=sizes):
             with torch.inference_mode(), amp:

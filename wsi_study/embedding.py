@@ -9,6 +9,8 @@ import contextlib
 import json
 import math
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +28,8 @@ from .encoders import Encoder, encoder_slug, load_encoder
 from .slides import open_slide, quiet_readers, slide_mpp
 
 # %% auto #0
-__all__ = ['read_tiles', 'best_level', 'PatchDataset', 'resolve_device', 'stack_patches', 'embed_slide', 'feature_path',
-           'cached_encoder', 'embed_job', 'enc_device', 'embed_cohort']
+__all__ = ['read_tiles', 'best_level', 'PatchDataset', 'resolve_device', 'prefetch', 'normalise', 'stack_patches', 'embed_slide',
+           'feature_path', 'cached_encoder', 'embed_job', 'enc_device', 'embed_cohort']
 
 # %% ../nbs/06_embedding.ipynb #00fba250
 def read_tiles(tiles_h5,  # a `tiles/<slide_id>.h5` file
@@ -120,7 +122,7 @@ class PatchDataset(Dataset):
             img = self._reader().read_region((x, y), self.level, (s, s))  # RGBA; transparent outside the slide
             if not self._inside(x, y):  # tiling keeps patches inside the slide, so this is the rare path
                 img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
-            img = img.convert("RGB")
+            img = img.convert("RGB")  # PIL's C loop; measured faster than slicing RGB out of the RGBA array
         else:
             with quiet_readers():
                 arr = self._reader().read_rect((x, y), (s, s), resolution=self.level, units="level",
@@ -136,8 +138,9 @@ class PatchDataset(Dataset):
         return x >= 0 and y >= 0 and x + self.patch_size_level0 <= w and y + self.patch_size_level0 <= h
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        # numpy's transpose-copy, not torch's permute().contiguous(), which measured ~4x slower per patch here
-        return torch.from_numpy(np.ascontiguousarray(self.read_patch(i).transpose(2, 0, 1)))
+        # a 3×S×S *view* of the S×S×3 pixels, no transposing copy: `stack_patches` batches them as a channels-last
+        # (B, 3, S, S) tensor, which convolutions take as they are (and faster on CPU: 1.3-1.6x measured here)
+        return torch.from_numpy(self.read_patch(i)).permute(2, 0, 1)
 
 # %% ../nbs/06_embedding.ipynb #bf854534
 _log = get_logger("wsi_study.embedding")
@@ -169,9 +172,41 @@ def _stale_temps(out_h5: Path) -> list[Path]:
     prefixes = (f".{out_h5.name}~", f".{out_h5.name}.")  # `atomic_path`'s naming: .<name>~XXXX<suffix>.tmp
     return [p for p in out_h5.parent.iterdir() if p.name.startswith(prefixes) and p.name.endswith(".tmp")]
 
+def prefetch(iterable, depth: int = 2):
+    """Iterate `iterable` in a background thread, up to `depth` items ahead. With no reader processes this overlaps
+    reading the next batch with the forward pass of this one: OpenSlide's C reads, JPEG decoding and torch's kernels
+    all release the GIL. An exception in the thread is raised here, at the item where it happened."""
+    q, stop, end = queue.Queue(depth), threading.Event(), object()
+    def put(item) -> bool:
+        while not stop.is_set():
+            try: q.put(item, timeout=0.1); return True
+            except queue.Full: pass
+        return False
+    def work():
+        try:
+            for item in iterable:
+                if not put(item): return
+            put(end)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+    threading.Thread(target=work, daemon=True, name="wsi-study-prefetch").start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException): raise item
+            yield item
+    finally:
+        stop.set()
+
+def normalise(x: torch.Tensor,  # uint8 batch (B, 3, S, S), any memory layout
+              mean: torch.Tensor, std: torch.Tensor,  # (1, 3, 1, 1) on x's device, for pixels scaled to 0-1
+             ) -> torch.Tensor:
+    "(x/255 − mean)/std as float32 in one pass, `addcmul(−mean/std, x, 1/(255 std))` (half the time of float, sub, mul)."
+    return torch.addcmul(-mean / std, x, 1 / (std * 255))
+
 def stack_patches(patches: list) -> torch.Tensor:
-    "Batch uint8 patches with numpy: torch's default collate copies with a thread pool that stalls on a busy CPU."
-    return torch.from_numpy(np.stack([p.numpy() for p in patches]))
+    """Batch 3×S×S uint8 patches into (B, 3, S, S) with channels-last memory (the pixels' own order, no transpose).
+    numpy stacks them: torch's default collate copies with a thread pool that stalls on a busy CPU."""
+    return torch.from_numpy(np.stack([p.permute(1, 2, 0).numpy() for p in patches])).permute(0, 3, 1, 2)
 
 def embed_slide(slide_path,  # the slide file
                 tiles_h5,  # its `tiles/<slide_id>.h5`
@@ -197,13 +232,13 @@ def embed_slide(slide_path,  # the slide file
         _log.warning(f"{Path(tiles_h5).name}: no patches; writing an empty (0×{enc.dim}) feature file")
     model = enc.model.to(device).eval()
     if cuda: model = model.to(memory_format=torch.channels_last)
-    shift = torch.tensor(enc.mean, device=device).view(1, 3, 1, 1) * 255  # (x/255 - mean)/std, folded into
-    scale = 1 / (torch.tensor(enc.std, device=device).view(1, 3, 1, 1) * 255)  # one in-place subtract and multiply
+    mean = torch.tensor(enc.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(enc.std, device=device).view(1, 3, 1, 1)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
            if cuda else contextlib.nullcontext())
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers if n_total else 0,
                         pin_memory=cuda, prefetch_factor=4 if workers and n_total else None, collate_fn=stack_patches)
-    batches = iter(loader)  # fork the workers before any HDF5 file is open
+    batches = iter(loader) if workers else prefetch(loader)  # fork the workers before any HDF5 file is open
     for p in _stale_temps(out_h5): p.unlink(missing_ok=True)
     name = out_h5.stem
     attrs = {"encoder": enc.name, "weights_sha256": enc.weights_sha256, "weights_source": enc.source,
@@ -226,7 +261,7 @@ def embed_slide(slide_path,  # the slide file
             for x in batches:
                 x = x.to(device, non_blocking=cuda)
                 if cuda: x = x.contiguous(memory_format=torch.channels_last)
-                x = x.float().sub_(shift).mul_(scale)
+                x = normalise(x, mean, std)
                 with amp:
                     y = model(x)
                 y = y.float().flatten(1).cpu().numpy()

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .core import WsiStudyError, get_logger, project_root, write_json, write_text
-from .embedding import PatchDataset, embed_slide, normalise, resolve_device, stack_patches
+from .embedding import Normaliser, PatchDataset, embed_slide, resolve_device, stack_patches
 from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, load_encoder
 from .slides import open_slide, quiet_readers, slide_mpp
 from .tiling import grid_coords, tile_slide, tissue_fraction, tissue_mask
@@ -259,8 +259,6 @@ def bench_io(out_dir,  # where scratch files go
             for x, y in coords: tia.read_rect((int(x), int(y)), (patch_size, patch_size), resolution=0, units="level")
         return len(coords)
 
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     model = torch.nn.Identity()
     loaders = {}
     def loader(w, normalised=True):
@@ -268,11 +266,12 @@ def bench_io(out_dir,  # where scratch files go
         dl = DataLoader(ds, batch_size=batch_size, num_workers=w, collate_fn=stack_patches, persistent_workers=w > 0,
                         prefetch_factor=4 if w else None)
         loaders[w, normalised] = dl
+        normalise = Normaliser(IMAGENET_MEAN, IMAGENET_STD)  # as embed_slide: one per loader, its buffer reused
         def run():
             n, c0 = 0, _children_cpu()
             with torch.inference_mode():
                 for x in dl:
-                    model(normalise(x, mean, std) if normalised else x)
+                    model(normalise(x) if normalised else x)
                     n += len(x)
             worker_cpu[f"loader_w{w}" + ("" if normalised else "_uint8")].append(_children_cpu() - c0)
             return n
@@ -411,9 +410,8 @@ def bench_embed(out_dir,  # where scratch files go
         amp = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
                if cuda else contextlib.nullcontext())
         ds = PatchDataset(slide, coords[:nb], size, size, out_size=size)
-        mean = torch.tensor(enc.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(enc.std, device=device).view(1, 3, 1, 1)
-        x = normalise(stack_patches([ds[i] for i in range(nb)]).to(device), mean, std)  # the memory layout embed_slide gets
+        # the memory layout embed_slide gets; a copy, as the normaliser's buffer is reused
+        x = Normaliser(enc.mean, enc.std, device)(stack_patches([ds[i] for i in range(nb)]).to(device)).clone()
         if cuda: x = x.contiguous(memory_format=torch.channels_last)
         def forward(sizes=sizes):
             with torch.inference_mode(), amp:

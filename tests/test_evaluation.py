@@ -174,20 +174,29 @@ def test_train_cv_attention_model_end_to_end(cohort, tmp_path):
     assert pd.read_csv(tmp_path / "again" / "predictions.csv").equals(pred)
 
 
-def test_train_cv_deepattnmisl_and_meanpool_are_paired(cohort, tmp_path):
+@pytest.fixture(scope="module")
+def strong_cohort(tmp_path_factory):
+    """48 patients whose survival follows the tumour share closely (hazard 8): with 32 patients and the default hazard
+    a fold's C-index swings by +-0.08 between seeds, too much to tell a working model from a broken one."""
+    return write_synthetic_cohort(tmp_path_factory.mktemp("mil48"), synthetic_bags(48, dim=16, seed=0, hazard=8))
+
+
+def test_train_cv_deepattnmisl_and_meanpool_are_paired(strong_cohort, tmp_path):
     """DeepAttnMISL and the mean-pool Cox baseline on the same splits file both find the planted survival signal."""
+    cohort = strong_cohort
     dam = train_cv(cohort, cohort.parent / "features", "deepattnmisl", "survival", tmp_path / "dam", folds=3, k=4,
                    progress=False, n_boot=100, heatmaps=0)
     mp = train_cv(cohort, cohort.parent / "features", "meanpool", "survival", tmp_path / "mp",
                   splits=tmp_path / "dam" / "splits.csv", progress=False, n_boot=100)
     assert pd.read_csv(tmp_path / "mp" / "splits.csv").equals(pd.read_csv(tmp_path / "dam" / "splits.csv"))
-    assert dam["cindex"] > 0.6 and mp["cindex"] > 0.6, (dam["cindex"], mp["cindex"])
+    # over cohort seeds 0-2 both reached 0.71-0.79 here; a model that learns nothing scores 0.5 +- 0.06
+    assert dam["cindex"] > 0.65 and mp["cindex"] > 0.65, (dam["cindex"], mp["cindex"])
     pred = pd.read_csv(tmp_path / "dam" / "predictions.csv")
     assert {"patient_id", "fold", "risk", "group", "survival_months", "event"} <= set(pred.columns)
     assert (tmp_path / "dam" / "figures" / "km_risk_groups.png").is_file()
-    assert len(list((tmp_path / "dam" / "attention").glob("*.h5"))) == 32
+    assert len(list((tmp_path / "dam" / "attention").glob("*.h5"))) == 48
     c = compare_runs(tmp_path / "dam", tmp_path / "mp", n_boot=50)  # paired: the same patients in the same folds
-    assert c["metric"] == "cindex" and c["n_patients"] == 32 and c["difference"][1] <= c["difference"][0] <= c["difference"][2]
+    assert c["metric"] == "cindex" and c["n_patients"] == 48 and c["difference"][1] <= c["difference"][0] <= c["difference"][2]
 
 
 def test_train_cv_bad_arguments(cohort, tmp_path):

@@ -15,7 +15,7 @@ import pandas as pd
 from .core import atomic_path, write_metrics
 
 # %% auto #0
-__all__ = ['save_figure', 'save_table', 'thumbnail_grid', 'km_by_group']
+__all__ = ['save_figure', 'save_table', 'show', 'thumbnail_grid', 'km_by_group']
 
 # %% ../nbs/70_report.ipynb #19fbaebe
 def save_figure(fig, out_dir, name: str, dpi: int = 120) -> Path:
@@ -31,6 +31,15 @@ def save_table(df: pd.DataFrame, out_dir, name: str) -> Path:
     with atomic_path(path, suffix=".csv") as tmp:
         df.to_csv(tmp, index=False)
     return path
+
+def show(png) -> bool:
+    "Display a saved figure in the notebook if it exists (a study goes on without a figure a run could not draw)."
+    from IPython.display import Image, display
+    if not Path(png).is_file():
+        print(f"(no {Path(png).name}: this run did not draw it; see the log above)")
+        return False
+    display(Image(filename=str(png)))
+    return True
 
 # %% ../nbs/70_report.ipynb #87a12c17
 def thumbnail_grid(images: list, titles: list[str], ncols: int = 8, size: float = 1.8):

@@ -67,7 +67,8 @@ def synthetic_bags(patients: int = 24,  # number of patients (stages cycle A, B,
                    patches: tuple[int, int] = (20, 60),  # range of patches per patient
                    dim: int = 16,  # embedding dimension
                    seed: int = 0,
-                   signal: float = 2.0,  # strength of the planted signal
+                   signal: float = 2.0,  # how far 'tumour' patches sit from the rest in feature space
+                   hazard: float = 3.0,  # log-hazard per unit of tumour share: larger makes survival follow the share more closely
                   ) -> Bags:
     "A small in-memory cohort with a planted signal: stage and risk grow with the share of 'tumour' patches."
     rng = np.random.default_rng(seed)
@@ -82,7 +83,7 @@ def synthetic_bags(patients: int = 24,  # number of patients (stages cycle A, B,
         if dim > 1: x[hot, 1] += signal * stage_index[i]  # what the hot patches look like changes with stage
         feats.append(x); coords.append(np.stack([np.arange(n) * 224, np.zeros(n)], 1).astype(np.int64))
         pslide.append(np.full(n, i)); rows.append((f"s{i:03d}", f"p{i:03d}", "", 224, n))
-        risk = share[i] * 3 + 0.2 * rng.standard_normal()
+        risk = share[i] * hazard + 0.2 * rng.standard_normal()
         t = rng.exponential(20 * np.exp(-risk)) + 0.1
         c = rng.uniform(5, 60)
         labels.append((f"p{i:03d}", STAGES[stage_index[i]], int(stage_index[i]), round(min(t, c), 2), int(t <= c)))

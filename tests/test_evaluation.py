@@ -258,3 +258,25 @@ def test_ensemble_members_never_see_the_test_fold(cohort, tmp_path):
     assert sorted(hist.member.unique()) == [0, 1, 2]
     with h5py.File(tmp_path / "ens" / "attention" / "p000-S1.h5") as f:
         assert np.isfinite(f["attention"][:]).all() and len(f["attention"]) == len(f["coords"])
+
+
+def test_cli_tune_sweeps_resumes_and_refuses_bad_grids(cohort, tmp_path):
+    """`wsi-study tune`: one row per combination and split seed in sweep.csv, a re-run trains nothing new, a bad
+    --grid or an unknown hyperparameter is one line and exit 2."""
+    import subprocess
+    from conftest import CLI
+    exe = [CLI, "-q", "tune", str(cohort), "--features", str(cohort.parent / "features"), "--model", "meanpool",
+           "--out", str(tmp_path / "t"), "--folds", "3"]
+    r = subprocess.run(exe + ["--grid", "pca=4,8", "--grid", "penalizer=0.1,1.0", "--seeds", "0", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    runs = pd.read_csv(tmp_path / "t" / "sweep.csv")
+    assert len(runs) == 8 and set(runs.seed) == {0, 1} and runs.cindex.between(0, 1).all()
+    assert "best " in r.stdout and (tmp_path / "t" / "figures" / "sweep.png").is_file()
+    mtime = (tmp_path / "t" / "sweep.csv").stat().st_mtime_ns
+    r = subprocess.run(exe + ["--grid", "pca=4,8", "--grid", "penalizer=0.1,1.0", "--seeds", "0", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "t" / "sweep.csv").stat().st_mtime_ns == mtime  # nothing re-run
+    for grid, msg in ((["--grid", "pca"], "NAME=V1,V2"), (["--grid", "k=4"], "unknown hyperparameters for meanpool")):
+        r = subprocess.run(exe + grid, capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -13,8 +13,8 @@ from pathlib import Path
 from .core import WsiStudyError, get_logger, project_root
 
 # %% auto #0
-__all__ = ['cmd_validate', 'default_real_slides', 'cmd_demo_data', 'cmd_tile', 'cmd_embed', 'cmd_train', 'cmd_bench', 'cmd_run',
-           'build_parser', 'main']
+__all__ = ['cmd_validate', 'default_real_slides', 'cmd_demo_data', 'cmd_tile', 'cmd_embed', 'cmd_train', 'cmd_tune', 'cmd_bench',
+           'cmd_run', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #68503ea8
 def cmd_validate(args) -> int:
@@ -86,6 +86,16 @@ def cmd_train(args) -> int:
     head = [k for k in ("cindex", "oracle_cindex", "auc_macro", "balanced_accuracy", "localisation_auc") if k in metrics]
     print(f"{args.out}: " + ", ".join(f"{k} {metrics[k]:.3f} [{metrics.get(k + '_ci_low', float('nan')):.3f}, "
                                       f"{metrics.get(k + '_ci_high', float('nan')):.3f}]" for k in head))
+    return 0
+
+def cmd_tune(args) -> int:
+    "A hyperparameter sweep of one model on a development cohort (not the cohort you report)."
+    from wsi_study.evaluation.tune import HEADLINE, parse_grid, sweep
+    r = sweep(args.manifest, args.features, args.model, args.task, parse_grid(args.grid), args.out, folds=args.folds,
+              seeds=args.seeds, progress=not args.quiet)
+    key = HEADLINE[args.task]
+    print(r.head(10).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"{args.out}/sweep.csv: best {r.config.iloc[0]} ({key} {r[key + '_mean'].iloc[0]:.3f} over {r.runs.iloc[0]} split seeds)")
     return 0
 
 def cmd_bench(args) -> int:
@@ -176,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     tr.add_argument("--splits", default=None, help="reuse a splits.csv so models are compared on the same folds")
     tr.set_defaults(func=cmd_train)
+    tu = sub.add_parser("tune", help="hyperparameter sweep of a MIL model on a development cohort")
+    tu.add_argument("manifest", help="the development cohort's manifest (not the cohort whose results you report)")
+    tu.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
+    tu.add_argument("--model", default="deepattnmisl", choices=["deepattnmisl", "abmil", "clam_sb", "maxpool", "meanpool"])
+    tu.add_argument("--task", default="survival", choices=["survival", "stage"])
+    tu.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                    help="values to try for one hyperparameter (repeat for more; every combination runs)")
+    tu.add_argument("--out", required=True, help="folder for sweep.csv (resumed when present), runs and figures/")
+    tu.add_argument("--folds", type=int, default=5)
+    tu.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="split seeds per combination")
+    tu.set_defaults(func=cmd_tune)
     b = sub.add_parser("bench", help="benchmarks: io, embed, tiling, mil (ratios against baselines, same run)")
     b.add_argument("names", nargs="+", choices=["io", "embed", "tiling", "mil"], metavar="{io,embed,tiling,mil}")
     b.add_argument("--out", default="results/bench", help="where bench_<name>.json and .md go")

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test test-fast export clean-results bench
+.PHONY: install study demo test test-fast export clean-results bench tune
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ demo: install   ## the demo cohort alone (the runner also builds it when missing
 
 study: install  ## build the demo cohort if absent, then run every study in configs/study.yaml on it
 	$(BIN)/wsi-study run configs/study.yaml --cohort demo --out results
+
+DEV_FEATURES := results/demo_dev/features/2mpp_224px_0px/efficientnet_lite0
+tune: install   ## choose the MIL defaults on demo_dev (another generator seed, 100 patients), never on demo (~25 min)
+	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --only 10_tiling --only 20_embedding --out results
+	$(BIN)/wsi-study tune data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model meanpool \
+		--grid pca=8,16,32,64 --grid penalizer=0.1,1.0 --out results/demo_dev/tune/meanpool_survival
+	$(BIN)/wsi-study tune data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model deepattnmisl \
+		--grid k=4,8,12 --grid aux_weight=0,1 --grid pca=16,32 --out results/demo_dev/tune/deepattnmisl_survival
 
 test: install   ## nbdev drift check, notebook tests, pytest
 	$(BIN)/python tests/check_drift.py

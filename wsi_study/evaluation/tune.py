@@ -28,7 +28,9 @@ HEADLINE = {"survival": "cindex", "stage": "auc_macro"}
 
 def _value(text: str):
     low = text.strip().lower()
-    if low in ("none", "null"): return None
+    if low in ("none", "null"):  # `model_params` reads None as "not given", so a sweep cannot set it
+        raise WsiStudyError(f"--grid value {text!r}: None means 'the default' and cannot be swept; "
+                            "use 0 to switch pca off")
     if low in ("true", "false"): return low == "true"
     for cast in (int, float):
         try: return cast(text)
@@ -36,7 +38,7 @@ def _value(text: str):
     return text.strip()
 
 def parse_grid(items: list[str]) -> dict[str, list]:
-    "`['k=4,8', 'pca=16,none']` → `{'k': [4, 8], 'pca': [16, None]}` (ints, floats, booleans and none understood)."
+    "`['k=4,8', 'pca=0,16']` → `{'k': [4, 8], 'pca': [0, 16]}` (ints, floats, booleans and strings understood)."
     grid = {}
     for it in items:
         name, sep, values = it.partition("=")
@@ -78,7 +80,7 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
         name = config_name(cfg)
         m = train_cv(bags, None, model, task, out / name / f"seed{s}", folds=folds, seed=s, progress=False, truth=truth,
                      n_boot=200, heatmaps=0, **fixed, **cfg)
-        row = {"config": name, "seed": s, **{k: ("none" if v is None else v) for k, v in cfg.items()},
+        row = {"config": name, "seed": s, **cfg,
                key: m[key], "localisation_auc": m.get("localisation_auc", np.nan), "seconds": m["seconds"]}
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)
         with atomic_path(table) as tmp: runs.to_csv(tmp, index=False)  # one row per finished run: a killed sweep resumes

@@ -44,12 +44,12 @@ TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, pati
                       val_frac=0.2, ordinal=False, ties="breslow", l1=0.0, aux_weight=None, threads=1, members=1)
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
-                         members=5, pca=16, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30),
+                         members=5, pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30),
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
     "maxpool": dict(hidden=128, dropout=0.25, max_patches=None),
-    "meanpool": dict(pca=16, penalizer=0.1, C=1.0),
+    "meanpool": dict(pca=32, penalizer=0.1, C=1.0),
 }
 NETS = {"deepattnmisl": DeepAttnMISL, "abmil": ABMIL, "clam_sb": CLAMSB, "maxpool": MaxPoolMIL}
 MODELS = tuple(MODEL_DEFAULTS)

@@ -324,7 +324,7 @@ def bench_io(out_dir,  # where scratch files go
                          "(scaling if the CPUs were free)", per_cpu[w] / per_cpu[1], "×") for w in big if w in per_cpu]
     notes = [f"{len(grid)} whole {patch_size}-px patches on the grid, cycled to {len(coords)} reads per run; best of "
              f"{rounds} interleaved rounds after a warm-up; batch size {batch_size}; loader normalisation "
-             "`addcmul(-mean/std, x, 1/(255 std))` (`embedding.normalise`) as in `embed_slide`, model = identity.",
+             "(`embedding.Normaliser`: uint8 → float copy, then `addcmul(-mean/std, ·, 1/(255 std))` in place) as in `embed_slide`, model = identity.",
              "All readers go through OpenSlide with its default tile cache; a slide as small as CMU-1-Small-Region "
              "fits in it, so after the warm-up most reads are cache hits for every contender alike.",
              f"Workers are persistent and started in the warm-up; {cpus} usable CPUs, so at most {cpus} workers."]

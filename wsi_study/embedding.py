@@ -198,10 +198,11 @@ def prefetch(iterable, depth: int = 2):
         stop.set()
 
 class Normaliser:
-    """(x/255 − mean)/std of uint8 batches as float32 in one pass, `addcmul(−mean/std, x, 1/(255 std))`, written into a
-    buffer that is reused while the batch shape stays the same: a fresh 19 MB tensor per batch costs more in page
-    faults than the arithmetic (0.67 against 0.23 ms per 224-px patch, measured here). The result is overwritten by
-    the next call, so use it before normalising the next batch."""
+    """(x/255 − mean)/std of uint8 batches as float32: a vectorised uint8 → float copy into a buffer, then
+    `addcmul(−mean/std, ·, 1/(255 std))` in place (0.21 ms per 224-px patch, against 0.28 for one mixed-type addcmul,
+    whose type promotion is not vectorised; measured here). The buffer is reused while the batch shape stays the same:
+    a fresh 19 MB tensor per batch costs more in page faults than the arithmetic (0.67 against 0.23 ms per patch).
+    The result is overwritten by the next call, so use it before normalising the next batch."""
     def __init__(self, mean, std,  # per channel, for pixels scaled to 0-1
                  device="cpu"):
         m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -211,7 +212,8 @@ class Normaliser:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # uint8 (B, 3, S, S), any memory layout
         if self._out is None or self._out.shape != x.shape or self._out.stride() != x.stride() or self._out.device != x.device:
             self._out = torch.empty_like(x, dtype=torch.float32)  # keeps x's memory layout (channels-last)
-        return torch.addcmul(self.bias, x, self.scale, out=self._out)
+        self._out.copy_(x)
+        return torch.addcmul(self.bias, self._out, self.scale, out=self._out)
 
 def stack_patches(patches: list) -> torch.Tensor:
     """Batch 3×S×S uint8 patches into (B, 3, S, S) with channels-last memory (the pixels' own order, no transpose).

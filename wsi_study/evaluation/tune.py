@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 from ..core import WsiStudyError, atomic_path, get_logger
 from .cv import _truth_dir, model_params, train_cv
 from ..models.bags import Bags, load_bags
+from ..report import save_figure
 
 # %% auto #0
 __all__ = ['HEADLINE', 'parse_grid', 'config_name', 'sweep']
@@ -105,5 +105,4 @@ def _plot(runs: pd.DataFrame, ranked: pd.DataFrame, key: str, out: Path, title: 
         ax.plot(v, [i] * len(v), "o", color="0.6", ms=4); ax.plot([v.mean()], [i], "|", color="C3", ms=14, mew=2)
     ax.set_yticks(range(len(order)), order, fontsize=8); ax.invert_yaxis()
     ax.set_xlabel(f"{key} (dots: split seeds, bar: mean)"); ax.set_title(title)
-    (out / "figures").mkdir(exist_ok=True)
-    fig.tight_layout(); fig.savefig(out / "figures" / "sweep.png", dpi=110); plt.close(fig)
+    save_figure(fig, out, "sweep"); plt.close(fig)

@@ -15,8 +15,8 @@ from ..core import WsiStudyError
 from ..manifest import STAGES
 
 # %% auto #0
-__all__ = ['PROB_COLS', 'harrell_cindex', 'bootstrap', 'fold_spread', 'survival_metrics', 'oracle_cindex', 'auc_ovr_macro',
-           'stage_metrics', 'plot_confusion', 'compare_runs']
+__all__ = ['PROB_COLS', 'harrell_cindex', 'bootstrap', 'fold_spread', 'survival_metrics', 'oracle_cindex', 'oracle_gap',
+           'auc_ovr_macro', 'stage_metrics', 'plot_confusion', 'compare_runs']
 
 # %% ../../nbs/17_metrics.ipynb #5d4559f4
 def harrell_cindex(time,  # follow-up times
@@ -82,6 +82,28 @@ def oracle_cindex(truth_csv,  # the demo cohort's truth.csv (slide_id, patient_i
     if lab.empty: raise WsiStudyError(f"{truth_csv}: no patient of the cohort is in the truth file")
     t, r, e = lab.survival_months.to_numpy(float), lab.latent_risk.to_numpy(float), lab.event.to_numpy(float)
     return bootstrap(lambda i: harrell_cindex(t[i], r[i], e[i]), len(lab), n_boot, seed)
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3: return float("nan")
+    ra, rb = (pd.Series(v).rank().to_numpy() for v in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
+
+def oracle_gap(truth_csv,  # the demo cohort's truth.csv (slide_id, patient_id, latent_risk)
+               pred: pd.DataFrame,  # out-of-fold predictions: patient_id (index or column), risk, survival_months, event
+               n_boot: int = 1000, seed: int = 0) -> dict:
+    """How much of the recoverable signal a model gets, on its own test patients: `oracle_gap`, the oracle's C-index
+    minus the model's with a *paired* bootstrap interval (the same resampled patients for both), and
+    `latent_spearman`, the rank correlation of the predicted risk with the true latent risk, which does not depend on
+    the noise of the simulated survival times."""
+    truth = pd.read_csv(truth_csv, dtype={"patient_id": str}).groupby("patient_id").latent_risk.mean()
+    p = pred.set_index("patient_id") if "patient_id" in pred else pred
+    p = p.join(truth, how="inner")
+    if p.empty: raise WsiStudyError(f"{truth_csv}: no predicted patient is in the truth file")
+    t, e = p.survival_months.to_numpy(float), p.event.to_numpy(float)
+    lat, r = p.latent_risk.to_numpy(float), p.risk.to_numpy(float)
+    gap = lambda i: harrell_cindex(t[i], lat[i], e[i]) - harrell_cindex(t[i], r[i], e[i])
+    return {"oracle_gap": bootstrap(gap, len(p), n_boot, seed),
+            "latent_spearman": bootstrap(lambda i: _spearman(lat[i], r[i]), len(p), n_boot, seed)}
 
 # %% ../../nbs/17_metrics.ipynb #0241b2d3
 PROB_COLS = [f"prob_{s}" for s in STAGES]

@@ -349,7 +349,7 @@ def bench_io(out_dir,  # where scratch files go
     notes = [f"{len(grid)} whole {patch_size}-px patches on the grid, cycled to {len(coords)} reads per run; best of "
              f"{rounds} interleaved rounds after a warm-up; batch size {batch_size}; loader normalisation "
              "(`embedding.Normaliser`: uint8 → float copy, then one multiply-add in place over channels-last rows) as in `embed_slide`, model = identity.",
-             "Our loader reads this SVS with `tiffread.TiffTiles` (tifffile decodes each JPEG tile once into a 96 MB "
+             "Our loader reads this SVS with `tiffread.TiffTiles` (tifffile decodes each JPEG tile once into a 64 MB "
              "cache; pixel-identical to OpenSlide); raw OpenSlide and TIAToolbox use OpenSlide's default tile cache. "
              "A slide as small as CMU-1-Small-Region fits in either cache, so after the warm-up most reads are cache "
              "hits for every contender alike: the ratios compare the cost of getting a patch out of decoded tiles.",

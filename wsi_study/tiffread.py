@@ -36,7 +36,7 @@ class TiffTiles:
     """Regions of a tiled TIFF slide, any pyramid level, decoded by tifffile one tile at a time through an LRU cache
     of decoded tiles (`cache_mb` per instance). Open one per process; reads are serialised by a lock."""
     def __init__(self, path,  # an SVS or tiled (pyramidal) TIFF file
-                 cache_mb: float = 96,  # budget of the decoded-tile cache
+                 cache_mb: float | None = None,  # budget of the decoded-tile cache (None: see `auto_cache_mb`)
                 ):
         self.path = Path(path)
         why = self.problem(self.path)
@@ -46,8 +46,18 @@ class TiffTiles:
         self.dims = [(int(p.imagewidth), int(p.imagelength)) for p in self.pages]  # (width, height) per level
         self.downsamples = [self.dims[0][0] / w for w, _ in self.dims]  # along x, as OpenSlide's (mean of x and y)
         self._scale = [(self.dims[0][0] / w, self.dims[0][1] / h) for w, h in self.dims]
+        if cache_mb is None: cache_mb = self.auto_cache_mb(self.pages[0])
         self._cache, self._bytes, self._budget = OrderedDict(), 0, int(cache_mb * 2**20)
         self._lock = threading.Lock()
+
+    @staticmethod
+    def auto_cache_mb(page) -> float:
+        """Room for 2.5 rows of tiles of the level-0 page, between 64 and 512 MB: a row of patches spans two rows of
+        tiles, so reading patches row by row (as tiling writes them) decodes every tile once even on a slide
+        100,000 px wide (2.5 × 69 MB there); a smaller cache would drop the lower row before the next row of patches
+        needs it."""
+        row = -(-page.imagewidth // page.tilewidth) * page.tilewidth * page.tilelength * 3
+        return float(min(512, max(64, 2.5 * row / 2**20)))
 
     @staticmethod
     def problem(path) -> str | None:

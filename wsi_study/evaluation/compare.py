@@ -65,7 +65,7 @@ def compare_models(runs: dict,  # label -> train_cv output folder, all of one ta
         row = {"model": label, "task": task, "metric": key, "value": m[key], "ci_low": m[f"{key}_ci_low"], "ci_high": m[f"{key}_ci_high"],
                "fold_mean": m.get(f"{key}_fold_mean"), "fold_sd": m.get(f"{key}_fold_sd"),
                **{k: m.get(k) for k in extra}, "localisation_auc": m.get("localisation_auc"),
-               "oracle_gap": m.get("oracle_gap"), "latent_spearman": m.get("latent_spearman"),
+               **{k: m.get(k) for k in ("oracle_gap", "oracle_gap_ci_low", "oracle_gap_ci_high", "latent_spearman")},
                "n_patients": m.get("n_patients")}
         if reference and label != reference:
             c = compare_runs(run, runs[reference], n_boot, seed)

@@ -81,7 +81,8 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
         m = train_cv(bags, None, model, task, out / name / f"seed{s}", folds=folds, seed=s, progress=False, truth=truth,
                      n_boot=200, heatmaps=0, **fixed, **cfg)
         row = {"config": name, "seed": s, **cfg,
-               key: m[key], "localisation_auc": m.get("localisation_auc", np.nan), "seconds": m["seconds"]}
+               key: m[key], "localisation_auc": m.get("localisation_auc", np.nan),
+               "latent_spearman": m.get("latent_spearman", np.nan), "seconds": m["seconds"]}
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)
         with atomic_path(table) as tmp: runs.to_csv(tmp, index=False)  # one row per finished run: a killed sweep resumes
         _log.info(f"{model} {task} {name} seed {s}: {key} {m[key]:.3f}")
@@ -94,6 +95,7 @@ def _rank(runs: pd.DataFrame, key: str) -> pd.DataFrame:
     g = runs.groupby("config")
     r = pd.DataFrame({f"{key}_mean": g[key].mean(), f"{key}_min": g[key].min(), f"{key}_max": g[key].max(),
                       "localisation_auc_mean": g["localisation_auc"].mean(), "runs": g.size()})
+    if "latent_spearman" in runs: r.insert(len(r.columns) - 1, "latent_spearman_mean", g["latent_spearman"].mean())
     return r.sort_values(f"{key}_mean", ascending=False).reset_index()
 
 def _plot(runs: pd.DataFrame, ranked: pd.DataFrame, key: str, out: Path, title: str):

@@ -71,7 +71,7 @@ def cmd_embed(args) -> int:
         scheduler = None  # one GPU in this process beats several workers queueing for it; use a cluster for many GPUs
     t = embed_cohort(args.manifest, args.tiles, args.out, args.encoder, weights=args.weights,
                      batch_size=args.batch_size, workers=args.workers, device=args.device, scheduler=scheduler,
-                     dask_workers=args.dask_workers, progress=not args.quiet)
+                     dask_workers=args.dask_workers, progress=not args.quiet, reader=args.reader)
     ok = t[t.status == "ok"]
     print(f"{args.out}: {len(ok)} slides embedded, {(t.status == 'skipped').sum()} already done, "
           f"{int(ok.n_patches.sum())} patches")
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64, help="patches per forward pass")
     e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes reading patches, per slide")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--reader", default="auto", choices=["auto", "tifffile", "openslide", "tiatoolbox"],
+                   help="patch reader (auto: tifffile tiles for SVS and tiled TIFF, else OpenSlide, else TIAToolbox); "
+                        "the one used is recorded in each feature file")
     _add_scaleout(e)
     e.set_defaults(func=cmd_embed)
     def mil_args(p, manifest_help):  # what train and tune share

@@ -263,6 +263,7 @@ def embed_slide(slide_path,  # the slide file
                 device="auto",  # "auto", "cpu", "cuda", ...
                 mpp: float | None = None,  # the manifest's level-0 µm/px, if any
                 progress: bool = False,  # a progress bar over patches
+                reader: str = "auto",  # "auto", "tifffile", "openslide" or "tiatoolbox" (see `PatchDataset`)
                ) -> dict:
     "Embed every patch of one slide into `out_h5` (atomically); returns n_patches, seconds and patches_per_s."
     device = resolve_device(device)
@@ -272,7 +273,7 @@ def embed_slide(slide_path,  # the slide file
     ps, ps0 = int(tattrs["patch_size"]), int(tattrs["patch_size_level0"])
     level0_mpp = _level0_mpp(tattrs, mpp, slide_path, tiles_h5)
     target_mpp = float(tattrs.get("target_mpp") or level0_mpp * ps0 / ps)
-    ds = PatchDataset(slide_path, coords, ps, ps0, out_size=enc.input_size, mpp=level0_mpp)
+    ds = PatchDataset(slide_path, coords, ps, ps0, out_size=enc.input_size, mpp=level0_mpp, backend=reader)
     n_total, cuda = len(coords), device.type == "cuda"
     if n_total == 0:
         _log.warning(f"{Path(tiles_h5).name}: no patches; writing an empty (0×{enc.dim}) feature file")
@@ -290,7 +291,7 @@ def embed_slide(slide_path,  # the slide file
              "mpp": target_mpp, "target_mpp": target_mpp, "level0_mpp": level0_mpp, "patch_size": ps,
              "patch_size_level0": ps0, "overlap": int(tattrs.get("overlap", 0)), "input_size": enc.input_size,
              "normalisation": json.dumps({"mean": list(enc.mean), "std": list(enc.std)}),
-             "read_level": int(ds.level), "slide_id": name, "slide_path": str(slide_path)}
+             "read_level": int(ds.level), "reader": ds.backend, "slide_id": name, "slide_path": str(slide_path)}
     trident = {"patch_size": ps, "patch_size_level0": ps0, "overlap": attrs["overlap"], "name": name,
                "level0_magnification": _magnification(level0_mpp), "target_magnification": _magnification(target_mpp),
                "level0_mpp": level0_mpp, "target_mpp": target_mpp}
@@ -360,7 +361,7 @@ def cached_encoder(name: str, weights=None, device="auto") -> Encoder:
 
 def embed_job(row: dict,  # one manifest row: slide_id, path, mpp
               tiles_dir: str, out_dir: str, encoder_name: str, weights=None, batch_size: int = 64,
-              workers: int = 0, device="auto", progress: bool = False) -> dict:
+              workers: int = 0, device="auto", progress: bool = False, reader: str = "auto") -> dict:
     "Embed one slide unless its features are complete; a bad slide becomes a `failed` row, never an exception."
     sid = str(row["slide_id"])
     enc = cached_encoder(encoder_name, weights, device)
@@ -375,7 +376,7 @@ def embed_job(row: dict,  # one manifest row: slide_id, path, mpp
         _log.warning(f"slide {sid}: {out} was made with other weights or other tiles; embedding it again")
     try:
         res = embed_slide(row["path"], tiles, out, enc, batch_size=batch_size, workers=workers, device=enc_device(enc),
-                          mpp=mpp, progress=progress)
+                          mpp=mpp, progress=progress, reader=reader)
         return {**base, **{k: res[k] for k in ("n_patches", "seconds", "patches_per_s")}, "status": "ok"}
     except Exception as e:  # one bad slide never stops the cohort; KeyboardInterrupt still does
         return {**base, "status": "failed", "error": f"slide {sid}: {_one_line(e)}"}
@@ -395,6 +396,7 @@ def embed_cohort(manifest,  # a validated manifest DataFrame, or the path of a m
                  scheduler: str | None = None,  # None: this process; "local", tcp://HOST:PORT: per-slide Dask jobs
                  dask_workers: int | None = None,  # workers of a local Dask cluster
                  progress: bool = True,  # progress bars over slides and patches
+                 reader: str = "auto",  # patch reader: "auto", "tifffile", "openslide" or "tiatoolbox"
                 ) -> pd.DataFrame:
     "Embed every slide of a cohort, skipping finished ones and recording failures; one row per slide."
     if not isinstance(manifest, pd.DataFrame):
@@ -405,7 +407,7 @@ def embed_cohort(manifest,  # a validated manifest DataFrame, or the path of a m
     items = [{"slide_id": str(r.slide_id), "path": str(r.path), "mpp": getattr(r, "mpp", None)}
              for r in manifest.itertuples(index=False)]
     kw = dict(tiles_dir=str(tiles_dir), out_dir=str(out_dir), encoder_name=encoder_name, weights=weights,
-              batch_size=batch_size, workers=workers, device=device)
+              batch_size=batch_size, workers=workers, device=device, reader=reader)
     if scheduler is None:
         rows = [embed_job(it, progress=progress, **kw)
                 for it in tqdm(items, desc=f"embedding ({enc.name})", unit="slide", disable=not progress)]

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     def mil_args(p, manifest_help):  # what train and tune share
         p.add_argument("manifest", help=manifest_help)
         p.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
-        p.add_argument("--model", default="deepattnmisl", choices=["deepattnmisl", "abmil", "clam_sb", "maxpool", "meanpool"])
+        p.add_argument("--model", default="deepattnmisl", choices=["deepattnmisl", "abmil", "clam_sb", "maxpool", "meanpool", "stage_cox"])
         p.add_argument("--task", default="survival", choices=["survival", "stage"])
     tr = sub.add_parser("train", help="patient-level cross-validation of a MIL model (survival or stage)")
     mil_args(tr, "manifest CSV with labels (stage, survival_months, event)")

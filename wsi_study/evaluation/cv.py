@@ -27,7 +27,7 @@ from ..models.bags import Bags, load_bags, synthetic_bags, write_features
 from ..models.losses import task_loss, task_predict
 from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
-from ..models.baselines import MeanPoolBaseline, mean_embeddings
+from ..models.baselines import MeanPoolBaseline, mean_embeddings, stage_onehot
 from .splits import check_splits, fold_indices, load_splits, make_splits, save_splits
 from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap
 from .attention import attention_figure, localisation_auc, write_attention
@@ -50,6 +50,7 @@ MODEL_DEFAULTS = {
                     max_patches=None),
     "maxpool": dict(hidden=128, dropout=0.25, max_patches=None),
     "meanpool": dict(pca=32, penalizer=0.1, C=1.0),
+    "stage_cox": dict(penalizer=0.1),  # survival from the true stage alone: the clinical reference (no image)
 }
 NETS = {"deepattnmisl": DeepAttnMISL, "abmil": ABMIL, "clam_sb": CLAMSB, "maxpool": MaxPoolMIL}
 MODELS = tuple(MODEL_DEFAULTS)
@@ -58,6 +59,8 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
     "The full hyperparameters of `model` for `task`: training defaults, then the model's, then `overrides` (checked)."
     if model not in MODEL_DEFAULTS:
         raise WsiStudyError(f"unknown model {model!r}; use one of {', '.join(MODELS)}")
+    if model == "stage_cox" and task != "survival":
+        raise WsiStudyError("stage_cox predicts survival from the true stage; it has no stage task")
     hp = {**TRAIN_DEFAULTS, **MODEL_DEFAULTS[model]}
     bad = sorted(k for k in overrides if k not in hp)
     if bad: raise WsiStudyError(f"unknown hyperparameters for {model}: {', '.join(bad)}; allowed: {', '.join(sorted(hp))}")
@@ -166,8 +169,9 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
     hp = hp or model_params(model, task)
     t0, fit_idx = time.perf_counter(), np.concatenate([idx["train"], idx["val"]])
     everyone = np.concatenate([fit_idx, idx["test"]])
-    if model == "meanpool":
-        X = cache["mean"] if cache and "mean" in cache else mean_embeddings(bags)
+    if model in ("meanpool", "stage_cox"):
+        if model == "stage_cox": X = stage_onehot(bags.labels)  # 4 columns: no PCA
+        else: X = cache["mean"] if cache and "mean" in cache else mean_embeddings(bags)
         base = MeanPoolBaseline(task, **_kwargs(MeanPoolBaseline, hp), seed=seed).fit(X[fit_idx], bags.labels.iloc[fit_idx])
         return {"idx": everyone, "pred": base.predict(X[everyone]), "attention": [], "history": [],
                 "best_epoch": None, "seconds": time.perf_counter() - t0}

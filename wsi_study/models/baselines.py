@@ -10,11 +10,12 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from ..core import WsiStudyError
 from .bags import Bags
 from .losses import N_STAGES
 
 # %% auto #0
-__all__ = ['mean_embeddings', 'MeanPoolBaseline']
+__all__ = ['mean_embeddings', 'MeanPoolBaseline', 'stage_onehot']
 
 # %% ../../nbs/15_baselines.ipynb #b62feb44
 def mean_embeddings(bags: Bags) -> np.ndarray:
@@ -66,3 +67,14 @@ class MeanPoolBaseline:
         p = np.zeros((len(Z), N_STAGES))
         p[:, self.model.classes_] = self.model.predict_proba(Z)  # a stage absent from training gets probability 0
         return p
+
+# %% ../../nbs/15_baselines.ipynb #5c0e7a02
+def stage_onehot(labels: pd.DataFrame,  # patient labels with `stage_index` (−1 = no stage)
+                ) -> np.ndarray:
+    "One column per stage A–D (P, 4), 1 where the patient has that stage."
+    idx = labels.stage_index.to_numpy()
+    missing = labels.index[idx < 0]
+    if len(missing):
+        names = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WsiStudyError(f"the stage-alone model needs every patient's stage; missing for {names}")
+    return np.eye(N_STAGES)[idx]

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from conftest import ROOT
-from wsi_study.bench import run_bench, synthetic_slide, usable_cpus
+from wsi_study.bench import run_bench, usable_cpus
+from wsi_study.bench_tiling import synthetic_slide
 from wsi_study.core import WsiStudyError
 
 CMU = ROOT / "data" / "wsi" / "cmu_small_region.svs"
@@ -71,5 +72,16 @@ def test_bench_tiling(tmp_path):
 
 def test_unknown_bench(tmp_path):
     """An unknown benchmark name is a one-line WsiStudyError naming the choices."""
-    with pytest.raises(WsiStudyError, match="unknown benchmark 'nope'; choose one of io, embed, tiling"):
+    with pytest.raises(WsiStudyError, match="unknown benchmark 'nope'; choose one of io, embed, tiling, mil"):
         run_bench("nope", tmp_path)
+
+
+def test_bench_mil(tmp_path):
+    """mil: a DeepAttnMISL epoch (k-means included) and an ABMIL epoch, tabled like the others with the 20 s target."""
+    run_bench("mil", tmp_path, patients=12, patches=30, dim=16, k=4, batch_size=4, abmil_batches=2, device="cpu",
+              progress=False)
+    data, md = read_outputs(tmp_path, "mil")
+    v = data["values"]
+    assert v["deepattnmisl_epoch_s"] > 0 and v["abmil_epoch_s"] > 0 and v["abmil_vs_deepattnmisl"] > 0
+    assert {r["key"]: r["target"] for r in data["measurements"]}["deepattnmisl_epoch_s"] == "≤ 20"
+    assert data["machine"]["device"] == "cpu" and "12 patients × 30 patches × 16-d" in md

@@ -100,20 +100,12 @@ def cmd_tune(args) -> int:
 
 def cmd_bench(args) -> int:
     "Benchmarks measured as ratios against a baseline run side by side; JSON + markdown into --out."
-    import json
+    from wsi_study.bench import run_bench
     out = Path(args.out)
     for name in args.names:
-        if name == "mil":
-            from wsi_study.core import write_json
-            from wsi_study.evaluation.cv import bench_mil
-            res = bench_mil(device=args.device or "auto", progress=not args.quiet)
-            write_json(out / "bench_mil.json", res)
-            print(json.dumps(res, indent=1, default=str))
-        else:
-            from wsi_study.bench import run_bench
-            kw = {"device": args.device} if args.device and name == "embed" else {}
-            run_bench(name, out, **kw)
-            print((out / f"bench_{name}.md").read_text())
+        kw = {"progress": not args.quiet, **({"device": args.device} if args.device and name in ("embed", "mil") else {})}
+        run_bench(name, out, **kw)
+        print((out / f"bench_{name}.md").read_text())
     return 0
 
 def cmd_run(args) -> int:

@@ -92,29 +92,36 @@ def cluster_summaries(features: torch.Tensor,  # (N, D) patches, patient after p
                       project: tuple | None = None,  # (centre, axes): also return every standardised patch projected
                      ) -> tuple[torch.Tensor, ...]:
     """One pass over the patches: cluster of each patch (N,), per-patient cluster means (P, k, D) and counts (P, k);
-    with `project`, a fourth result: the standardised patches projected on the axes, (x − centre) @ axes (N, q)."""
+    with `project`, a fourth result: the standardised patches projected on the axes, (x − centre) @ axes (N, q), and
+    the means are those of the projected patches (P, k, q), which is the projection of the standardised means."""
     P, (k, D), dev = len(offsets) - 1, centroids.shape, centroids.device
     mu, sd = (torch.zeros(D, device=dev), torch.ones(D, device=dev)) if norm is None else norm
     # standardising is folded into the centroids (nearest) and applied to the means afterwards: raw patches stream once
     c_raw = centroids / sd
-    bias = (centroids * centroids).sum(1) + 2 * (c_raw * mu).sum(1)
+    weight, bias = -2 * c_raw.T, (centroids * centroids).sum(1) + 2 * (c_raw * mu).sum(1)
     pid = torch.as_tensor(np.repeat(np.arange(P), np.diff(offsets)))
-    if project is not None:  # the same folding: ((x − mu)/sd − centre) @ A = x @ (A/sd) − (mu/sd + centre) @ A
-        w_raw = project[1] / sd[:, None]
-        b_raw = -((mu / sd + project[0]) @ project[1])
-    sums, counts, assign, projected = torch.zeros(P * k, D, device=dev), torch.zeros(P * k, device=dev), [], []
+    q = 0 if project is None else project[1].shape[1]
+    if project is not None:  # the same folding: ((x − mu)/sd − centre) @ A = x @ (A/sd) − (mu/sd + centre) @ A,
+        weight = torch.cat([weight, project[1] / sd[:, None]], 1)  # in the same matrix product as the distances
+        bias = torch.cat([bias, -((mu / sd + project[0]) @ project[1])])
+    sums, counts, assign, projected = torch.zeros(P * k, q or D, device=dev), torch.zeros(P * k, device=dev), [], []
+    buf = None
     for s in range(0, len(features), chunk):
-        xc = features[s:s + chunk].to(dev, torch.float32)
-        a = torch.addmm(bias, xc, c_raw.T, alpha=-2).argmin(1)
+        xc = features[s:s + chunk]
+        if xc.dtype != torch.float32 or xc.device != dev:  # converted into one reused buffer: a fresh float32 chunk
+            if buf is None: buf = torch.empty(min(chunk, len(features)), D, device=dev)  # per step costs 4× more
+            xc = buf[:len(xc)].copy_(xc)                                                # in page faults (measured)
+        y = torch.addmm(bias, xc, weight)
+        a = y[:, :k].argmin(1)
         g = pid[s:s + chunk].to(dev) * k + a
-        sums.index_add_(0, g, xc); counts.index_add_(0, g, torch.ones(len(g), device=dev))
+        if q: projected.append(y[:, k:].contiguous())
+        sums.index_add_(0, g, projected[-1] if q else xc); counts.index_add_(0, g, torch.ones(len(g), device=dev))
         assign.append(a)
-        if project is not None: projected.append(torch.addmm(b_raw, xc, w_raw))
     assign = torch.cat(assign) if assign else torch.zeros(0, dtype=torch.long, device=dev)
-    means = torch.where(counts[:, None] > 0, (sums / counts.clamp(min=1)[:, None] - mu) / sd, 0.0)
-    out = (assign, means.reshape(P, k, D), counts.reshape(P, k))
+    means = sums / counts.clamp(min=1)[:, None]
+    means = torch.where(counts[:, None] > 0, means if q else (means - mu) / sd, 0.0)
+    out = (assign, means.reshape(P, k, q or D), counts.reshape(P, k))
     if project is None: return out
-    q = project[1].shape[1]
     return out + (torch.cat(projected) if projected else torch.zeros(0, q, device=dev),)
 
 class ClusterInputs:
@@ -148,7 +155,8 @@ class ClusterInputs:
                                 project=axes if pool == "patch" else None)
         self.assign, self.means, self.counts = res[:3]
         self.patches = res[3] if pool == "patch" else None
-        if self.proj is not None: self.means = torch.where(self.counts[..., None] > 0, self._project(self.means), 0.0)
+        if self.proj is not None and pool == "mean":  # pool="patch": already the means of the projected patches
+            self.means = torch.where(self.counts[..., None] > 0, self._project(self.means), 0.0)
         self.dim = (pca if self.proj is not None else bags.dim) + int(occupancy)
         self.share = self.counts / self.counts.sum(1, keepdim=True).clamp(min=1)
 

@@ -41,7 +41,8 @@ __all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'model_params',
 _log = get_logger("wsi_study.evaluation")
 
 TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, patience=15, min_epochs=10,
-                      val_frac=0.2, ordinal=False, ties="breslow", l1=0.0, aux_weight=None, threads=1, members=1)
+                      val_frac=0.2, ordinal=False, ties="breslow", l1=0.0, aux_weight=None, threads=1, members=1,
+                      stop_on="task")
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          members=5, pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30),
@@ -67,6 +68,8 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
     hp.update({k: v for k, v in overrides.items() if v is not None})
     if hp["aux_weight"] is None:  # DeepAttnMISL's stage head trains beside its Cox head; everything else is single-task
         hp["aux_weight"] = 1.0 if model == "deepattnmisl" and task == "survival" else 0.0
+    if hp["stop_on"] not in ("task", "total"):
+        raise WsiStudyError(f"stop_on must be 'task' or 'total', got {hp['stop_on']!r}")
     return hp
 
 def _kwargs(fn, hp: dict) -> dict:
@@ -218,7 +221,7 @@ def _fit(net, inputs, idx, targets, opt, task, hp, rng, progress, fold) -> dict:
         if len(val):
             out, _ = predict(net, inputs, val, task, hp)
             y = {k: v[torch.as_tensor(val, device=v.device)] for k, v in targets.items()}
-            v = batch_loss(out, y, net, task, hp)
+            v = batch_loss(out, y, net, task, hp if hp["stop_on"] == "total" else {**hp, "aux_weight": 0.0})
             vl = None if v is None else float(v)
         history.append({"fold": fold, "epoch": epoch + 1, "train_loss": loss, "val_loss": vl})
         if vl is not None and vl < best - 1e-6:

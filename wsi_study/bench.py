@@ -249,7 +249,7 @@ def run_bench(name: str,  # one of `BENCHES`
     bench = getattr(importlib.import_module(module), fn)
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    machine = machine_info(resolve_device(params.get("device", _DEVICE.get(name, "cpu"))) if name in _DEVICE else "cpu")
+    machine = machine_info(resolve_device(params.get("device", _DEVICE[name])) if name in _DEVICE else "cpu")
     res = bench(out, **params)
     res.update(machine=machine, seconds=time.perf_counter() - t0,
                load_average_after=[round(v, 2) for v in os.getloadavg()])

@@ -102,15 +102,17 @@ def other_task(task: str) -> str:
     "The task of the auxiliary head: stage for survival, survival for stage."
     return "stage" if task == "survival" else "survival"
 
-def batch_loss(o: dict, y: dict, net, task: str, hp: dict) -> torch.Tensor | None:
+def batch_loss(o: dict, y: dict, net, task: str, hp: dict,
+               aux: bool = True,  # include the auxiliary head's loss (False: the reported task's loss alone)
+              ) -> torch.Tensor | None:
     "Task loss (+ `aux_weight` × the other head's loss, + CLAM's instance loss); `None` when no part has a loss."
     parts = []
     main = task_loss(o["out"], y, task, hp["ordinal"], hp["ties"])
     if main is not None: parts.append(main * getattr(net, "bag_weight", 1.0))
     if "inst_loss" in o: parts.append((1 - net.bag_weight) * o["inst_loss"])
-    if "aux_out" in o and hp["aux_weight"]:
-        aux = task_loss(o["aux_out"], y, other_task(task), hp["ordinal"], hp["ties"])
-        if aux is not None: parts.append(hp["aux_weight"] * aux)
+    if aux and "aux_out" in o and hp["aux_weight"]:
+        extra = task_loss(o["aux_out"], y, other_task(task), hp["ordinal"], hp["ties"])
+        if extra is not None: parts.append(hp["aux_weight"] * extra)
     return sum(parts) if parts else None
 
 def make_inputs(bags: Bags, model: str, train_idx, hp: dict, seed: int = 0, device="cpu"):
@@ -221,7 +223,7 @@ def _fit(net, inputs, idx, targets, opt, task, hp, rng, progress, fold) -> dict:
         if len(val):
             out, _ = predict(net, inputs, val, task, hp)
             y = {k: v[torch.as_tensor(val, device=v.device)] for k, v in targets.items()}
-            v = batch_loss(out, y, net, task, hp if hp["stop_on"] == "total" else {**hp, "aux_weight": 0.0})
+            v = batch_loss(out, y, net, task, hp, aux=hp["stop_on"] == "total")
             vl = None if v is None else float(v)
         history.append({"fold": fold, "epoch": epoch + 1, "train_loss": loss, "val_loss": vl})
         if vl is not None and vl < best - 1e-6:
@@ -298,7 +300,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     for f in tqdm(sorted(sp.fold.unique()), desc=f"{model} · {task}", disable=not progress):
         idx = fold_indices(sp, bags.patients, f)
         r = fit_fold(bags, idx, model, task, seed + int(f), dev, progress, int(f), hp, cache)
-        n_fit, n_test = len(idx["train"]) + len(idx["val"]), len(idx["test"])
+        n_fit = len(idx["train"]) + len(idx["val"])
         pred_fit, pred_test = r["pred"][:n_fit], r["pred"][n_fit:]
         test_ids = [bags.patients[i] for i in idx["test"]]
         if task == "survival":

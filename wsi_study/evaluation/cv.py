@@ -45,7 +45,8 @@ TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, pati
                       stop_on="task")
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
-                         members=5, pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30),
+                         members=5, pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
+                         size_prior=False),
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
@@ -164,7 +165,8 @@ def predict(net, inputs, idx, task: str, hp: dict, attention: bool = False) -> t
         o = net(**inputs.batch(b))
         for k in ("out", "aux_out"):
             if k in o: outs.setdefault(k, []).append(o[k])
-        if attention: atts += inputs.patch_attention(o["attention"], b, hp.get("patch_attention", "cluster"), net)
+        if attention:  # a size prior's weights favour big clusters: patches are scored by the phenotype's relevance
+            atts += inputs.patch_attention(o.get("relevance", o["attention"]), b, hp.get("patch_attention", "cluster"), net)
     return {k: torch.cat(v) for k, v in outs.items()}, atts
 
 def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, test

@@ -183,7 +183,7 @@ class ClusterInputs:
             return {"x": x, "mask": n > 0, "group": torch.as_tensor(pos, device=self.device) * self.k + a}
         x = self.means[idx]
         if self.occupancy: x = torch.cat([x, (n / n.sum(1, keepdim=True))[..., None]], -1)
-        return {"x": x, "mask": n > 0}
+        return {"x": x, "mask": n > 0, "counts": n}
 
     @torch.no_grad()
     def patch_attention(self, attention: torch.Tensor,  # (B, k) cluster attention of patients `idx`
@@ -222,8 +222,10 @@ class DeepAttnMISL(nn.Module):
                  dropout: float = 0.25,
                  task: str = "survival", ordinal: bool = False,
                  aux_task: str | None = None,  # a second head for the other task (stage with survival, or survival with stage)
+                 size_prior: bool = False,  # add log(cluster size) to the attention logits (see below)
                 ):
         super().__init__()
+        self.size_prior = size_prior
         self.fcn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.Tanh(), nn.Linear(attn_hidden, 1))
@@ -234,7 +236,9 @@ class DeepAttnMISL(nn.Module):
     def forward(self, x: torch.Tensor,  # (B, k, D) cluster vectors, or (N, D) patches with `group`
                 mask: torch.Tensor,  # (B, k) True for non-empty clusters
                 group: torch.Tensor | None = None,  # (N,) patient-in-batch × k + cluster of each patch
+                counts: torch.Tensor | None = None,  # (B, k) patches per cluster (for `size_prior` without `group`)
                 **_) -> dict:
+        n = counts
         if group is None: h = self.fcn(torch.where(mask[..., None], x, torch.zeros_like(x)))
         else:  # the MI-FCN on every patch, then the mean inside each patient's cluster
             hp = self.fcn(x)
@@ -242,8 +246,14 @@ class DeepAttnMISL(nn.Module):
             s = torch.zeros(B * k, hp.shape[1], device=hp.device, dtype=hp.dtype).index_add_(0, group, hp)
             n = torch.zeros(B * k, device=hp.device, dtype=hp.dtype).index_add_(0, group, torch.ones_like(hp[:, 0]))
             h = (s / n.clamp(min=1)[:, None]).reshape(B, k, -1)
-        a = masked_softmax(self.attn(h).squeeze(-1), mask)
+            n = n.reshape(B, k)
+        logits, extra = self.attn(h).squeeze(-1), {}
+        if self.size_prior:
+            if n is None: raise WsiStudyError("size_prior needs the cluster sizes: pass `counts` (or `group`)")
+            extra["relevance"] = masked_softmax(logits, mask)  # the phenotypes' scores without their sizes
+            logits = logits + torch.log(n.to(logits.dtype).clamp(min=1))
+        a = masked_softmax(logits, mask)
         z = self.rho((a[..., None] * torch.where(mask[..., None], h, torch.zeros_like(h))).sum(1))
-        out = {"out": self.head(z), "attention": a}
+        out = {"out": self.head(z), "attention": a, **extra}
         if self.aux_head is not None: out["aux_out"] = self.aux_head(z)
         return out

@@ -29,7 +29,7 @@ tune: install   ## choose the MIL defaults on demo_dev (another generator seed, 
 	$(BIN)/wsi-study tune data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model meanpool \
 		--grid pca=8,16,32,64 --grid penalizer=0.1,1.0 --out results/demo_dev/tune/meanpool_survival
 	$(BIN)/wsi-study tune data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model deepattnmisl \
-		--grid k=4,8,12 --grid aux_weight=0,1 --grid pca=16,32 --out results/demo_dev/tune/deepattnmisl_survival
+		--grid size_prior=false,true --grid k=8,16 --grid aux_weight=0.5,0.7,1 --out results/demo_dev/tune/deepattnmisl_survival
 
 test: install   ## nbdev drift check, notebook tests, pytest
 	$(BIN)/python tests/check_drift.py

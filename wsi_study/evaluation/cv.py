@@ -46,7 +46,7 @@ TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, pati
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          members=5, pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
-                         size_prior=False),
+                         size_prior=True),
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
@@ -68,7 +68,7 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
     if bad: raise WsiStudyError(f"unknown hyperparameters for {model}: {', '.join(bad)}; allowed: {', '.join(sorted(hp))}")
     hp.update({k: v for k, v in overrides.items() if v is not None})
     if hp["aux_weight"] is None:  # DeepAttnMISL's stage head trains beside its Cox head; everything else is single-task
-        hp["aux_weight"] = 1.0 if model == "deepattnmisl" and task == "survival" else 0.0
+        hp["aux_weight"] = 0.7 if model == "deepattnmisl" and task == "survival" else 0.0
     if hp["stop_on"] not in ("task", "total"):
         raise WsiStudyError(f"stop_on must be 'task' or 'total', got {hp['stop_on']!r}")
     return hp

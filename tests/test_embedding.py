@@ -155,7 +155,6 @@ def test_reads_at_the_nearest_pyramid_level(tmp_path):
     "On a 3-level pyramid a 1 µm/px patch is read from level 1, not level 0."
     import openslide
     import tifffile
-    from PIL import Image
     img = openslide.OpenSlide(str(CMU)).read_region((0, 0), 0, (2220, 2967)).convert("RGB")
     with tifffile.TiffWriter(tmp_path / "pyr.tiff") as tw:
         for k, f in enumerate([1, 2, 4]):

@@ -168,8 +168,8 @@ def test_train_cv_attention_model_end_to_end(cohort, tmp_path):
     assert len(list((out / "attention").glob("*.h5"))) == 32
     with h5py.File(out / "attention" / "p000-S1.h5") as f:
         assert len(f["attention"]) == len(f["coords"]) and f.attrs["fold"] in (0, 1, 2)
-    again = train_cv(cohort, cohort.parent / "features", "abmil", "stage", tmp_path / "again", folds=3, seed=0, epochs=40,
-                     progress=False, n_boot=100, hidden=32, attn_hidden=16, batch_size=8, lr=2e-3, heatmaps=0)
+    train_cv(cohort, cohort.parent / "features", "abmil", "stage", tmp_path / "again", folds=3, seed=0, epochs=40,
+             progress=False, n_boot=100, hidden=32, attn_hidden=16, batch_size=8, lr=2e-3, heatmaps=0)
     assert (tmp_path / "again" / "metrics.json").read_text() == (out / "metrics.json").read_text()  # same seed, same metrics
     assert pd.read_csv(tmp_path / "again" / "predictions.csv").equals(pred)
 
@@ -261,8 +261,8 @@ def test_ensemble_members_never_see_the_test_fold(cohort, tmp_path):
 
 
 def test_cli_tune_sweeps_resumes_and_refuses_bad_grids(cohort, tmp_path):
-    """`wsi-study tune`: one row per combination and split seed in sweep.csv, a re-run trains nothing new, a bad
-    --grid or an unknown hyperparameter is one line and exit 2."""
+    """`wsi-study tune`: one row per combination and split seed in sweep.csv, a re-run trains nothing new, a
+    localisation floor nothing reaches is said, a bad --grid or an unknown hyperparameter is one line and exit 2."""
     import subprocess
     from conftest import CLI
     exe = [CLI, "-q", "tune", str(cohort), "--features", str(cohort.parent / "features"), "--model", "meanpool",
@@ -277,6 +277,9 @@ def test_cli_tune_sweeps_resumes_and_refuses_bad_grids(cohort, tmp_path):
     r = subprocess.run(exe + ["--grid", "pca=4,8", "--grid", "penalizer=0.1,1.0", "--seeds", "0", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and (tmp_path / "t" / "sweep.csv").stat().st_mtime_ns == mtime  # nothing re-run
+    r = subprocess.run(exe + ["--grid", "pca=4,8", "--grid", "penalizer=0.1,1.0", "--seeds", "0", "1",
+                              "--min-localisation", "0.85"], capture_output=True, text=True)  # meanpool has no attention
+    assert r.returncode == 0 and "no setting reached localisation AUC 0.85 on every seed" in r.stdout, r.stdout
     for grid, msg in ((["--grid", "pca"], "NAME=V1,V2"), (["--grid", "k=4"], "unknown hyperparameters for meanpool")):
         r = subprocess.run(exe + grid, capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

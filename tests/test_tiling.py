@@ -2,7 +2,6 @@
 import h5py
 import numpy as np
 import pandas as pd
-import pytest
 import tifffile
 
 from conftest import ROOT, run_cli

@@ -92,10 +92,15 @@ def cmd_tune(args) -> int:
     "A hyperparameter sweep of one model on a development cohort (not the cohort you report)."
     from wsi_study.evaluation.tune import HEADLINE, parse_grid, sweep
     r = sweep(args.manifest, args.features, args.model, args.task, parse_grid(args.grid), args.out, folds=args.folds,
-              seeds=args.seeds, progress=not args.quiet)
+              seeds=args.seeds, min_localisation=args.min_localisation, progress=not args.quiet)
     key = HEADLINE[args.task]
     print(r.head(10).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"{args.out}/sweep.csv: best {r.config.iloc[0]} ({key} {r[key + '_mean'].iloc[0]:.3f} over {r.runs.iloc[0]} split seeds)")
+    if "eligible" in r and not r.eligible.iloc[0]:
+        print(f"{args.out}/sweep.csv: no setting reached localisation AUC {args.min_localisation} on every seed; "
+              f"best by {key} alone: {r.config.iloc[0]}")
+        return 0
+    floor = f", localisation >= {args.min_localisation} on every seed" if "eligible" in r else ""
+    print(f"{args.out}/sweep.csv: best {r.config.iloc[0]} ({key} {r[key + '_mean'].iloc[0]:.3f} over {r.runs.iloc[0]} split seeds{floor})")
     return 0
 
 def cmd_bench(args) -> int:
@@ -190,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--out", required=True, help="folder for sweep.csv (resumed when present), runs and figures/")
     tu.add_argument("--folds", type=int, default=5)
     tu.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="split seeds per combination")
+    tu.add_argument("--min-localisation", type=float, default=None, metavar="AUC",
+                    help="rank first the settings whose attention localisation AUC reaches AUC on every seed")
     tu.set_defaults(func=cmd_tune)
     b = sub.add_parser("bench", help="benchmarks: io, embed, tiling, mil (ratios against baselines, same run)")
     b.add_argument("names", nargs="+", choices=["io", "embed", "tiling", "mil"], metavar="{io,embed,tiling,mil}")

@@ -60,6 +60,7 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
           folds: int = 5,
           seeds=(0, 1),  # split seeds: each combination is cross-validated once per seed
           truth=None,  # the demo cohort's ground truth folder, for attention localisation (default: beside the manifest)
+          min_localisation: float | None = None,  # rank settings whose localisation AUC reaches this on every seed first
           progress: bool = True,
           **fixed,  # hyperparameters held fixed across the sweep
          ) -> pd.DataFrame:
@@ -86,17 +87,21 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)
         with atomic_path(table) as tmp: runs.to_csv(tmp, index=False)  # one row per finished run: a killed sweep resumes
         _log.info(f"{model} {task} {name} seed {s}: {key} {m[key]:.3f}")
-    ranked = _rank(runs[runs.config.isin({config_name(c) for c in combos})], key)
+    ranked = _rank(runs[runs.config.isin({config_name(c) for c in combos})], key, min_localisation)
     if len(ranked): _plot(runs, ranked, key, out, f"{model} · {task}")
     return ranked
 
-def _rank(runs: pd.DataFrame, key: str) -> pd.DataFrame:
+def _rank(runs: pd.DataFrame, key: str, min_localisation: float | None = None) -> pd.DataFrame:
+    "One row per setting; with `min_localisation`, settings whose worst seed reaches it (`eligible`) come first."
     if not len(runs): return runs
     g = runs.groupby("config")
     r = pd.DataFrame({f"{key}_mean": g[key].mean(), f"{key}_min": g[key].min(), f"{key}_max": g[key].max(),
-                      "localisation_auc_mean": g["localisation_auc"].mean(), "runs": g.size()})
+                      "localisation_auc_mean": g["localisation_auc"].mean(),
+                      "localisation_auc_min": g["localisation_auc"].min(), "runs": g.size()})
     if "latent_spearman" in runs: r.insert(len(r.columns) - 1, "latent_spearman_mean", g["latent_spearman"].mean())
-    return r.sort_values(f"{key}_mean", ascending=False).reset_index()
+    if min_localisation is None: return r.sort_values(f"{key}_mean", ascending=False).reset_index()
+    r["eligible"] = r.localisation_auc_min >= min_localisation  # NaN (no ground truth) is never eligible
+    return r.sort_values(["eligible", f"{key}_mean"], ascending=False).reset_index()
 
 def _plot(runs: pd.DataFrame, ranked: pd.DataFrame, key: str, out: Path, title: str):
     "Each configuration's runs (one dot per split seed) and their mean, best first."

@@ -5,7 +5,9 @@
 # %% ../../nbs/21_tune.ipynb #d1e2f003
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -19,7 +21,7 @@ from ..models.bags import Bags, load_bags
 from ..report import save_figure
 
 # %% auto #0
-__all__ = ['HEADLINE', 'parse_grid', 'config_name', 'sweep']
+__all__ = ['HEADLINE', 'parse_grid', 'config_name', 'settings_key', 'sweep']
 
 # %% ../../nbs/21_tune.ipynb #d1e2f006
 _log = get_logger("wsi_study.evaluation")
@@ -51,6 +53,12 @@ def config_name(cfg: dict) -> str:
     "A stable folder name for one combination, e.g. `k=4,pca=16` (`defaults` when empty)."
     return ",".join(f"{k}={v}" for k, v in sorted(cfg.items())) or "defaults"
 
+def settings_key(model: str, task: str, folds: int, **params) -> str:
+    "A short hash of everything a run depends on besides the data: the full hyperparameters (defaults included) and the folds."
+    hp = model_params(model, task, **params)
+    text = json.dumps({"model": model, "task": task, "folds": folds, "hp": hp}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
 # %% ../../nbs/21_tune.ipynb #d1e2f008
 def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or a `Bags`
           features_dir,  # its folder of `<slide_id>.h5` feature files
@@ -71,17 +79,23 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     table = out / "sweep.csv"
     runs = pd.read_csv(table) if table.is_file() else pd.DataFrame()
+    combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
+    keys = {config_name(c): settings_key(model, task, folds, **fixed, **c) for c in combos}
+    if len(runs):  # a row of this grid run under other settings (the defaults changed since) is stale: run it again
+        stale = runs.config.isin(keys) & (runs.get("settings", pd.Series("", index=runs.index)) != runs.config.map(keys))
+        if stale.any():
+            _log.warning(f"{table}: {int(stale.sum())} runs used other settings than the current defaults; running them again")
+            runs = runs[~stale].reset_index(drop=True)
     done = set(zip(runs.config, runs.seed)) if len(runs) else set()
     bags = manifest if isinstance(manifest, Bags) else load_bags(manifest, features_dir, None, task)
     truth = _truth_dir(manifest, truth)
-    combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
     todo = [(c, s) for c in combos for s in seeds if (config_name(c), s) not in done]
     key = HEADLINE[task]
     for cfg, s in tqdm(todo, desc=f"sweep {model} · {task}", disable=not progress):
         name = config_name(cfg)
         m = train_cv(bags, None, model, task, out / name / f"seed{s}", folds=folds, seed=s, progress=False, truth=truth,
                      n_boot=200, heatmaps=0, **fixed, **cfg)
-        row = {"config": name, "seed": s, **cfg,
+        row = {"config": name, "seed": s, "settings": keys[name], **cfg,
                key: m[key], "localisation_auc": m.get("localisation_auc", np.nan),
                "latent_spearman": m.get("latent_spearman", np.nan), "seconds": m["seconds"]}
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)

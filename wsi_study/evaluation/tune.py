@@ -101,7 +101,7 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)
         with atomic_path(table) as tmp: runs.to_csv(tmp, index=False)  # one row per finished run: a killed sweep resumes
         _log.info(f"{model} {task} {name} seed {s}: {key} {m[key]:.3f}")
-    ranked = _rank(runs[runs.config.isin({config_name(c) for c in combos})], key, min_localisation)
+    ranked = _rank(runs[runs.config.isin(keys)], key, min_localisation)
     if len(ranked): _plot(runs, ranked, key, out, f"{model} · {task}")
     return ranked
 

@@ -21,7 +21,7 @@ from ..models.bags import Bags, load_bags
 from ..report import save_figure
 
 # %% auto #0
-__all__ = ['HEADLINE', 'parse_grid', 'config_name', 'settings_key', 'sweep']
+__all__ = ['HEADLINE', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint', 'code_fingerprint', 'sweep']
 
 # %% ../../nbs/21_tune.ipynb #d1e2f006
 _log = get_logger("wsi_study.evaluation")
@@ -53,11 +53,29 @@ def config_name(cfg: dict) -> str:
     "A stable folder name for one combination, e.g. `k=4,pca=16` (`defaults` when empty)."
     return ",".join(f"{k}={v}" for k, v in sorted(cfg.items())) or "defaults"
 
-def settings_key(model: str, task: str, folds: int, **params) -> str:
-    "A short hash of everything a run depends on besides the data: the full hyperparameters (defaults included) and the folds."
+def settings_key(model: str, task: str, folds: int, *, data: str = "", code: str = "", **params) -> str:
+    "A short hash of everything a run depends on: the full hyperparameters (defaults included), the folds, and the `data` and `code` fingerprints."
     hp = model_params(model, task, **params)
-    text = json.dumps({"model": model, "task": task, "folds": folds, "hp": hp}, sort_keys=True, default=str)
+    text = json.dumps({"model": model, "task": task, "folds": folds, "hp": hp, "data": data, "code": code},
+                      sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+def data_fingerprint(bags: Bags) -> str:
+    "A short hash of what the models see: every patch feature and coordinate, each patient's rows and the labels."
+    h = hashlib.sha1()
+    for a in (bags.features.detach().cpu().numpy(), bags.offsets, bags.coords):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(pd.util.hash_pandas_object(bags.labels, index=True).to_numpy().tobytes())
+    return h.hexdigest()[:12]
+
+def code_fingerprint() -> str:
+    "A short hash of the training and evaluation code (`wsi_study.models`, `wsi_study.evaluation`) and of the numeric libraries' versions."
+    import sklearn, torch, wsi_study
+    root = Path(wsi_study.__file__).parent
+    h = hashlib.sha1(f"torch {torch.__version__} numpy {np.__version__} sklearn {sklearn.__version__}".encode())
+    for p in sorted([*root.glob("models/*.py"), *root.glob("evaluation/*.py")]):
+        h.update(p.relative_to(root).as_posix().encode()); h.update(p.read_bytes())
+    return h.hexdigest()[:12]
 
 # %% ../../nbs/21_tune.ipynb #d1e2f008
 def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or a `Bags`
@@ -78,16 +96,18 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
     if any(len(v) == 0 for v in grid.values()): raise WsiStudyError("every --grid entry needs at least one value")
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     table = out / "sweep.csv"
-    runs = pd.read_csv(table) if table.is_file() else pd.DataFrame()
+    runs = pd.read_csv(table, dtype={"settings": str, "data": str, "code": str}) if table.is_file() else pd.DataFrame()  # hashes stay text
     combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
-    keys = {config_name(c): settings_key(model, task, folds, **fixed, **c) for c in combos}
-    if len(runs):  # a row of this grid run under other settings (the defaults changed since) is stale: run it again
+    bags = manifest if isinstance(manifest, Bags) else load_bags(manifest, features_dir, None, task)
+    prints = {"data": data_fingerprint(bags), "code": code_fingerprint()}
+    keys = {config_name(c): settings_key(model, task, folds, **prints, **fixed, **c) for c in combos}
+    if len(runs):  # a row of this grid run under other settings, data or code (a default changed since) is stale: run it again
         stale = runs.config.isin(keys) & (runs.get("settings", pd.Series("", index=runs.index)) != runs.config.map(keys))
         if stale.any():
-            _log.warning(f"{table}: {int(stale.sum())} runs used other settings than the current defaults; running them again")
+            _log.warning(f"{table}: {int(stale.sum())} runs used other settings, features, labels or code than now; "
+                         "running them again")
             runs = runs[~stale].reset_index(drop=True)
     done = set(zip(runs.config, runs.seed)) if len(runs) else set()
-    bags = manifest if isinstance(manifest, Bags) else load_bags(manifest, features_dir, None, task)
     truth = _truth_dir(manifest, truth)
     todo = [(c, s) for c in combos for s in seeds if (config_name(c), s) not in done]
     key = HEADLINE[task]
@@ -95,7 +115,7 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
         name = config_name(cfg)
         m = train_cv(bags, None, model, task, out / name / f"seed{s}", folds=folds, seed=s, progress=False, truth=truth,
                      n_boot=200, heatmaps=0, **fixed, **cfg)
-        row = {"config": name, "seed": s, "settings": keys[name], **cfg,
+        row = {"config": name, "seed": s, "settings": keys[name], **prints, **cfg,
                key: m[key], "localisation_auc": m.get("localisation_auc", np.nan),
                "latent_spearman": m.get("latent_spearman", np.nan), "seconds": m["seconds"]}
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .core import atomic_path, write_metrics
+from .core import atomic_path
 
 # %% auto #0
 __all__ = ['save_figure', 'save_table', 'show', 'thumbnail_grid', 'km_by_group']

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .core import SlideError, get_logger
+from .core import SlideError
 
 # %% auto #0
 __all__ = ['quiet_readers', 'open_slide', 'slide_mpp', 'slide_info', 'slide_table', 'thumbnail']

@@ -69,11 +69,12 @@ def data_fingerprint(bags: Bags) -> str:
     return h.hexdigest()[:12]
 
 def code_fingerprint() -> str:
-    "A short hash of the training and evaluation code (`wsi_study.models`, `wsi_study.evaluation`) and of the numeric libraries' versions."
+    "A short hash of the code `train_cv` runs (`wsi_study.models`; cv, metrics, splits and attention) and of torch, numpy and scikit-learn's versions."
     import sklearn, torch, wsi_study
-    root = Path(wsi_study.__file__).parent
+    root = Path(wsi_study.__file__).parent  # not this module nor the report's: editing them does not change a run's numbers
     h = hashlib.sha1(f"torch {torch.__version__} numpy {np.__version__} sklearn {sklearn.__version__}".encode())
-    for p in sorted([*root.glob("models/*.py"), *root.glob("evaluation/*.py")]):
+    files = [*root.glob("models/*.py"), *(root / "evaluation" / f"{m}.py" for m in ("cv", "metrics", "splits", "attention"))]
+    for p in sorted(files):
         h.update(p.relative_to(root).as_posix().encode()); h.update(p.read_bytes())
     return h.hexdigest()[:12]
 
@@ -119,6 +120,7 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
                key: m[key], "localisation_auc": m.get("localisation_auc", np.nan),
                "latent_spearman": m.get("latent_spearman", np.nan), "seconds": m["seconds"]}
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)
+        runs = runs[list(row) + [c for c in runs if c not in row]]  # the row's own order, old columns after
         with atomic_path(table) as tmp: runs.to_csv(tmp, index=False)  # one row per finished run: a killed sweep resumes
         _log.info(f"{model} {task} {name} seed {s}: {key} {m[key]:.3f}")
     ranked = _rank(runs[runs.config.isin(keys)], key, min_localisation)

@@ -64,7 +64,7 @@ def tensors_sha256(state_dict: dict) -> str:
     for k, v in state_dict.items():
         t = v.detach().cpu().contiguous().reshape(-1)
         h.update(f"{k}|{tuple(v.shape)}|{v.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(t.view(torch.uint8).numpy())  # the buffer itself: no copy of a large tensor
     return h.hexdigest()
 
 # %% ../nbs/05_encoders.ipynb #48d0e50f

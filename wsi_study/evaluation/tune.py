@@ -13,9 +13,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from ..core import WsiStudyError, atomic_path, get_logger
+from ..encoders import file_sha256, tensors_sha256
 from .cv import _truth_dir, model_params, train_cv
 from ..models.bags import Bags, load_bags
 from ..report import save_figure
@@ -62,21 +64,19 @@ def settings_key(model: str, task: str, folds: int, *, data: str = "", code: str
 
 def data_fingerprint(bags: Bags) -> str:
     "A short hash of what the models see: every patch feature and coordinate, each patient's rows and the labels."
-    h = hashlib.sha1()
-    for a in (bags.features.detach().cpu().numpy(), bags.offsets, bags.coords):
-        h.update(np.ascontiguousarray(a).tobytes())
-    h.update(pd.util.hash_pandas_object(bags.labels, index=True).to_numpy().tobytes())
-    return h.hexdigest()[:12]
+    arrays = tensors_sha256({"features": bags.features, "offsets": torch.as_tensor(bags.offsets),
+                             "coords": torch.as_tensor(bags.coords)})
+    labels = pd.util.hash_pandas_object(bags.labels, index=True).to_numpy()
+    return hashlib.sha1(arrays.encode() + labels.tobytes()).hexdigest()[:12]
 
 def code_fingerprint() -> str:
     "A short hash of the code `train_cv` runs (`wsi_study.models`; cv, metrics, splits and attention) and of torch, numpy and scikit-learn's versions."
-    import sklearn, torch, wsi_study
+    import sklearn, wsi_study
     root = Path(wsi_study.__file__).parent  # not this module nor the report's: editing them does not change a run's numbers
-    h = hashlib.sha1(f"torch {torch.__version__} numpy {np.__version__} sklearn {sklearn.__version__}".encode())
     files = [*root.glob("models/*.py"), *(root / "evaluation" / f"{m}.py" for m in ("cv", "metrics", "splits", "attention"))]
-    for p in sorted(files):
-        h.update(p.relative_to(root).as_posix().encode()); h.update(p.read_bytes())
-    return h.hexdigest()[:12]
+    text = f"torch {torch.__version__} numpy {np.__version__} sklearn {sklearn.__version__} " + \
+        " ".join(f"{p.relative_to(root).as_posix()}:{file_sha256(p)}" for p in sorted(files))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 # %% ../../nbs/21_tune.ipynb #d1e2f008
 def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or a `Bags`

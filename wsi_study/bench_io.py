@@ -21,7 +21,7 @@ from .slides import quiet_readers
 from .tiling import grid_coords
 
 # %% auto #0
-__all__ = ['bench_io']
+__all__ = ['per_cpu_scaling', 'bench_io']
 
 # %% ../nbs/08a_bench_io.ipynb #e9eddd09
 def _children_cpu() -> float:
@@ -31,6 +31,12 @@ def _children_cpu() -> float:
         with contextlib.suppress(psutil.Error):
             t = c.cpu_times(); total += t.user + t.system
     return total
+
+def per_cpu_scaling(best: dict) -> dict:
+    "Patches per worker CPU-second with w workers over that with 1, for each w > 1 (from each count's best run)."
+    # a short run's worker CPU time can round down to 0 s (it is counted in clock ticks): then there is no ratio
+    per_cpu = {w: b["items"] / b["worker_cpu_seconds"] for w, b in best.items() if b["worker_cpu_seconds"] > 0}
+    return {w: v / per_cpu[1] for w, v in per_cpu.items() if w > 1 and 1 in per_cpu}
 
 def bench_io(out_dir,  # where scratch files go
              slide=None,  # the slide (default: the repository's CMU-1-Small-Region)
@@ -147,10 +153,8 @@ def bench_io(out_dir,  # where scratch files go
         cpu, wall = best[w]["worker_cpu_seconds"], best[w]["seconds"]
         rows.append(measurement(f"cpu_share_w{w}", f"diagnostic: CPU time the {w} worker{'s' * (w > 1)} got / "
                                 f"({w} × wall time), best round", cpu / (w * wall), "×"))
-    per_cpu = {w: best[w]["items"] / best[w]["worker_cpu_seconds"] for w in workers
-               if best[w]["worker_cpu_seconds"] > 0}
     rows += [measurement(f"per_cpu_scaling_w{w}", f"diagnostic: patches per worker CPU-second, {w} workers / 1 worker "
-                         "(scaling if the CPUs were free)", per_cpu[w] / per_cpu[1], "×") for w in big if w in per_cpu]
+                         "(scaling if the CPUs were free)", v, "×") for w, v in per_cpu_scaling(best).items()]
     notes = [f"{len(grid)} whole {patch_size}-px patches on the grid, cycled to {len(coords)} reads per run; best of "
              f"{rounds} interleaved rounds after a warm-up; batch size {batch_size}; loader normalisation "
              "(`embedding.Normaliser`: uint8 → float copy, then one multiply-add in place over channels-last rows) as in `embed_slide`, model = identity.",

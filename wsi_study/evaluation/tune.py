@@ -62,12 +62,19 @@ def settings_key(model: str, task: str, folds: int, *, data: str = "", code: str
                       sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
-def data_fingerprint(bags: Bags) -> str:
-    "A short hash of what the models see: every patch feature and coordinate, each patient's rows and the labels."
+def data_fingerprint(bags: Bags,
+                     truth=None,  # a ground-truth folder (truth.csv, truth/): its files are hashed too
+                    ) -> str:
+    "A short hash of what the models see (every patch feature and coordinate, each patient's rows, the labels) and of the ground truth they are scored against."
     arrays = tensors_sha256({"features": bags.features, "offsets": torch.as_tensor(bags.offsets),
                              "coords": torch.as_tensor(bags.coords)})
     labels = pd.util.hash_pandas_object(bags.labels, index=True).to_numpy()
-    return hashlib.sha1(arrays.encode() + labels.tobytes()).hexdigest()[:12]
+    text = arrays.encode() + labels.tobytes()
+    if truth is not None:  # the latent risk (oracle, rank correlation) and the region masks (localisation)
+        root = Path(truth)
+        files = [f for f in [root / "truth.csv", *sorted((root / "truth").rglob("*"))] if f.is_file()]
+        text += " ".join(f"{f.relative_to(root).as_posix()}:{file_sha256(f)}" for f in files).encode()
+    return hashlib.sha1(text).hexdigest()[:12]
 
 def code_fingerprint() -> str:
     "A short hash of the code `train_cv` runs (`wsi_study.models`; cv, metrics, splits and attention) and of torch, numpy and scikit-learn's versions."
@@ -100,16 +107,16 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
     runs = pd.read_csv(table, dtype={"settings": str, "data": str, "code": str}) if table.is_file() else pd.DataFrame()  # hashes stay text
     combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
     bags = manifest if isinstance(manifest, Bags) else load_bags(manifest, features_dir, None, task)
-    prints = {"data": data_fingerprint(bags), "code": code_fingerprint()}
+    truth = _truth_dir(manifest, truth)
+    prints = {"data": data_fingerprint(bags, truth), "code": code_fingerprint()}
     keys = {config_name(c): settings_key(model, task, folds, **prints, **fixed, **c) for c in combos}
     if len(runs):  # a row of this grid run under other settings, data or code (a default changed since) is stale: run it again
         stale = runs.config.isin(keys) & (runs.get("settings", pd.Series("", index=runs.index)) != runs.config.map(keys))
         if stale.any():
-            _log.warning(f"{table}: {int(stale.sum())} runs used other settings, features, labels or code than now; "
+            _log.warning(f"{table}: {int(stale.sum())} runs used other settings, features, labels, ground truth or code than now; "
                          "running them again")
             runs = runs[~stale].reset_index(drop=True)
     done = set(zip(runs.config, runs.seed)) if len(runs) else set()
-    truth = _truth_dir(manifest, truth)
     todo = [(c, s) for c in combos for s in seeds if (config_name(c), s) not in done]
     key = HEADLINE[task]
     for cfg, s in tqdm(todo, desc=f"sweep {model} · {task}", disable=not progress):

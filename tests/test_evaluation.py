@@ -239,6 +239,32 @@ def test_cli_train_writes_the_contract_and_bad_input_exits_2(cohort, tmp_path):
     assert r.stderr.startswith("error: ") and "nowhere" in r.stderr, r.stderr
 
 
+def test_cli_train_seeds_is_repeated_cross_validation(cohort, tmp_path):
+    """`train --seeds`: one run per split seed, repeats.csv summarises them (ground-truth rows when truth.csv is there)."""
+    import shutil
+    import subprocess
+    from conftest import CLI
+    d = tmp_path / "cohort"
+    shutil.copytree(cohort.parent, d)
+    lab = pd.read_csv(d / "manifest.csv")  # a known latent risk: shorter survival, higher risk
+    lab.assign(latent_risk=-np.log(lab.survival_months))[["slide_id", "patient_id", "latent_risk"]].to_csv(d / "truth.csv", index=False)
+    exe = [CLI, "-q", "train", str(d / "manifest.csv"), "--features", str(d / "features"), "--model", "meanpool"]
+    r = subprocess.run(exe + ["--out", str(tmp_path / "rep"), "--folds", "3", "--seeds", "0", "1", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = pd.read_csv(tmp_path / "rep" / "repeats.csv")
+    assert rep.metric.tolist() == ["cindex", "latent_spearman", "oracle_cindex", "oracle_gap"] and set(rep.seeds) == {3}
+    per_seed = [json.loads((tmp_path / "rep" / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1, 2)]
+    c = rep.set_index("metric")
+    assert np.isclose(c.loc["cindex", "mean"], np.mean([m["cindex"] for m in per_seed]))
+    assert np.isclose(c.loc["oracle_gap", "max"], max(m["oracle_gap"] for m in per_seed))
+    assert len({m["cindex"] for m in per_seed}) > 1  # other splits, other scores
+    assert "repeats.csv" in r.stdout and "oracle_gap" in r.stdout
+    for extra in (["--seed", "1"], ["--splits", str(tmp_path / "rep" / "seed0" / "splits.csv")]):
+        r = subprocess.run(exe + ["--out", str(tmp_path / "bad"), "--seeds", "0", "1", *extra], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and "--seeds" in r.stderr, r.stderr
+
+
 def test_ensemble_members_never_see_the_test_fold(cohort, tmp_path):
     """members > 1: every training patient validates once, test patients never train or validate; outputs as usual."""
     from wsi_study.evaluation.cv import member_splits

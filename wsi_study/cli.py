@@ -80,12 +80,24 @@ def cmd_embed(args) -> int:
 def cmd_train(args) -> int:
     "Patient-level cross-validation of one MIL model on one task."
     from wsi_study.evaluation.cv import train_cv
+    if args.seeds: return _train_repeats(args)
     metrics = train_cv(args.manifest, args.features, model=args.model, task=args.task, out_dir=args.out,
-                       folds=args.folds, seed=args.seed, epochs=args.epochs, device=args.device, splits=args.splits,
+                       folds=args.folds, seed=args.seed or 0, epochs=args.epochs, device=args.device, splits=args.splits,
                        progress=not args.quiet)
     head = [k for k in ("cindex", "oracle_cindex", "auc_macro", "balanced_accuracy", "localisation_auc") if k in metrics]
     print(f"{args.out}: " + ", ".join(f"{k} {metrics[k]:.3f} [{metrics.get(k + '_ci_low', float('nan')):.3f}, "
                                       f"{metrics.get(k + '_ci_high', float('nan')):.3f}]" for k in head))
+    return 0
+
+def _train_repeats(args) -> int:
+    "Repeated cross-validation, one run per split seed: the summary over the seeds."
+    from wsi_study.evaluation.tune import repeat_cv
+    if args.splits: raise WsiStudyError("--splits fixes the folds and --seeds draws new ones per seed; give one of them")
+    if args.seed is not None: raise WsiStudyError("give --seed (one cross-validation) or --seeds (one per seed), not both")
+    r = repeat_cv(args.manifest, args.features, args.model, args.task, args.out, folds=args.folds, seeds=args.seeds,
+                  progress=not args.quiet, device=args.device, epochs=args.epochs)
+    print(r.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"{args.out}/repeats.csv: {len(args.seeds)} split seeds; per-seed runs in {args.out}/seed<S>/")
     return 0
 
 def cmd_tune(args) -> int:
@@ -183,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     mil_args(tr, "manifest CSV with labels (stage, survival_months, event)")
     tr.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv, splits.csv, figures/")
     tr.add_argument("--folds", type=int, default=5, help="patient-level folds")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=None, help="split seed (default 0)")
+    tr.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                    help="repeated cross-validation: one run per split seed in OUT/seed<S>/, mean/sd/min/max over "
+                         "the seeds in OUT/repeats.csv")
     tr.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: the model's)")
     tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     tr.add_argument("--splits", default=None, help="reuse a splits.csv so models are compared on the same folds")

@@ -23,7 +23,8 @@ from ..models.bags import Bags, load_bags
 from ..report import save_figure
 
 # %% auto #0
-__all__ = ['HEADLINE', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint', 'code_fingerprint', 'sweep']
+__all__ = ['HEADLINE', 'TRUTH_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint', 'code_fingerprint',
+           'sweep', 'repeat_cv']
 
 # %% ../../nbs/21_tune.ipynb #d1e2f006
 _log = get_logger("wsi_study.evaluation")
@@ -99,10 +100,18 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
           **fixed,  # hyperparameters held fixed across the sweep
          ) -> pd.DataFrame:
     "Cross-validate every combination of `grid` on a development cohort; returns the runs ranked by mean headline metric."
-    grid = dict(grid or {})
+    runs = _run_all(manifest, features_dir, model, task, dict(grid or {}), Path(out_dir), folds, seeds, truth, progress,
+                    fixed)
+    ranked = _rank(runs, HEADLINE[task], min_localisation)
+    if len(ranked): _plot(runs, ranked, HEADLINE[task], Path(out_dir), f"{model} · {task}")
+    return ranked
+
+def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth, progress, fixed,
+             device="auto") -> pd.DataFrame:
+    "Run every (combination, seed) of `grid` not yet in `out/sweep.csv` under the same settings; the rows of this grid."
     model_params(model, task, **{k: v[0] for k, v in grid.items() if v}, **fixed)  # unknown names fail here, before any run
     if any(len(v) == 0 for v in grid.values()): raise WsiStudyError("every --grid entry needs at least one value")
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     table = out / "sweep.csv"
     runs = pd.read_csv(table, dtype={"settings": str, "data": str, "code": str}) if table.is_file() else pd.DataFrame()  # hashes stay text
     combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
@@ -119,20 +128,41 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
     done = set(zip(runs.config, runs.seed)) if len(runs) else set()
     todo = [(c, s) for c in combos for s in seeds if (config_name(c), s) not in done]
     key = HEADLINE[task]
-    for cfg, s in tqdm(todo, desc=f"sweep {model} · {task}", disable=not progress):
+    for cfg, s in tqdm(todo, desc=f"{'sweep' if grid else 'repeats'} {model} · {task}", disable=not progress):
         name = config_name(cfg)
-        m = train_cv(bags, None, model, task, out / name / f"seed{s}", folds=folds, seed=s, progress=False, truth=truth,
-                     n_boot=200, heatmaps=0, **fixed, **cfg)
+        run_dir = out / name / f"seed{s}" if grid else out / f"seed{s}"  # no grid: one folder per seed
+        m = train_cv(bags, None, model, task, run_dir, folds=folds, seed=s, progress=False, truth=truth,
+                     n_boot=200, heatmaps=0, device=device, **fixed, **cfg)
         row = {"config": name, "seed": s, "settings": keys[name], **prints, **cfg,
-               key: m[key], "localisation_auc": m.get("localisation_auc", np.nan),
-               "latent_spearman": m.get("latent_spearman", np.nan), "seconds": m["seconds"]}
+               key: m[key], **{k: m.get(k, np.nan) for k in TRUTH_METRICS}, "seconds": m["seconds"]}
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)
         runs = runs[list(row) + [c for c in runs if c not in row]]  # the row's own order, old columns after
         with atomic_path(table) as tmp: runs.to_csv(tmp, index=False)  # one row per finished run: a killed sweep resumes
         _log.info(f"{model} {task} {name} seed {s}: {key} {m[key]:.3f}")
-    ranked = _rank(runs[runs.config.isin(keys)], key, min_localisation)
-    if len(ranked): _plot(runs, ranked, key, out, f"{model} · {task}")
-    return ranked
+    return runs[runs.config.isin(keys) & runs.seed.isin(list(seeds))]
+
+TRUTH_METRICS = ("localisation_auc", "latent_spearman", "oracle_cindex", "oracle_gap")  # NaN without ground truth
+
+def repeat_cv(manifest,  # manifest (path or DataFrame) or a `Bags`
+              features_dir,  # its folder of `<slide_id>.h5` feature files
+              model: str = "deepattnmisl", task: str = "survival",
+              out_dir="results/repeats",  # sweep.csv (one row per seed), seed<S>/ runs, repeats.csv, figures/
+              folds: int = 5,
+              seeds=(0, 1, 2, 3, 4),  # one cross-validation per split seed
+              truth=None,  # ground truth folder (default: beside the manifest)
+              progress: bool = True, device="auto",
+              **hparams,  # model and training hyperparameters, as for `train_cv`
+             ) -> pd.DataFrame:
+    "Repeated cross-validation: mean, sd, min and max over split seeds of the headline and ground-truth metrics (`repeats.csv`)."
+    out = Path(out_dir)
+    runs = _run_all(manifest, features_dir, model, task, {}, out, folds, seeds, truth, progress, hparams, device)
+    cols = [c for c in (HEADLINE[task], *TRUTH_METRICS) if c in runs and runs[c].notna().any()]
+    summary = runs[cols].agg(["mean", "std", "min", "max"]).T.rename(columns={"std": "sd"})
+    summary.insert(0, "seeds", runs[cols].notna().sum())
+    summary = summary.rename_axis("metric").reset_index()
+    with atomic_path(out / "repeats.csv") as tmp: summary.to_csv(tmp, index=False)
+    _plot(runs, _rank(runs, HEADLINE[task]), HEADLINE[task], out, f"{model} · {task}: {len(runs)} split seeds")
+    return summary
 
 def _rank(runs: pd.DataFrame, key: str, min_localisation: float | None = None) -> pd.DataFrame:
     "One row per setting; with `min_localisation`, settings whose worst seed reaches it (`eligible`) come first."

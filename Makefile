@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test test-fast export clean-results bench tune
+.PHONY: install study demo test test-fast export clean-results bench tune repeats
 
 install: $(STAMP)
 
@@ -31,6 +31,14 @@ tune: install   ## choose the MIL defaults on demo_dev (another generator seed, 
 	$(BIN)/wsi-study tune data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model deepattnmisl \
 		--grid size_prior=false,true --grid aux_weight=0.5,0.7,1 --grid batch_size=16,64 --min-localisation 0.86 \
 		--out results/demo_dev/tune/deepattnmisl_survival
+
+DEMO_FEATURES := results/demo/features/2mpp_224px_0px/efficientnet_lite0
+SEEDS := 0 1 2 3 4 5 6 7 8 9
+repeats: install  ## after make study: the demo's survival models cross-validated once per split seed 0-9 (~15 min)
+	for m in deepattnmisl abmil meanpool stage_cox; do \
+		$(BIN)/wsi-study train data/demo/manifest.csv --features $(DEMO_FEATURES) --model $$m --task survival \
+			--seeds $(SEEDS) --out results/demo/repeats/$${m}_survival || exit $$?; \
+	done
 
 test: install   ## nbdev drift check, notebook tests, pytest
 	$(BIN)/python tests/check_drift.py

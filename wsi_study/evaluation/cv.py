@@ -42,7 +42,7 @@ _log = get_logger("wsi_study.evaluation")
 
 TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, patience=15, min_epochs=10,
                       val_frac=0.2, ordinal=False, ties="breslow", l1=0.0, aux_weight=None, threads=1, members=1,
-                      stop_on="task")
+                      stop_on="task", refit=False)
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          members=5, pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
@@ -187,20 +187,29 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
     inputs = make_inputs(bags, model, idx["train"] if members <= 1 else fit_idx, hp, seed, device)
     targets = _targets(bags.labels, device)
     preds, atts, history, best = [], [], [], []
-    for j, sub in enumerate(subs):
-        torch.manual_seed(seed + 1000 * j)
+
+    def train(j, sub, hp, tag=None):  # one network on one role split; its predictions in `everyone`'s order
+        tag = tag or {}
+        torch.manual_seed(seed + 1000 * j + (500 if tag else 0))
         net = NETS[model](inputs.dim, task=task, ordinal=hp["ordinal"], aux_task=other_task(task) if hp["aux_weight"] else None,
                           **_kwargs(NETS[model], hp)).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
         with cpu_threads(hp["threads"], device):
             r = _fit(net, inputs, sub, targets, opt, task, hp, rng, progress, fold)
         p = np.asarray(r["pred"])[pd.Series(np.arange(len(r["idx"])), index=r["idx"]).loc[everyone].to_numpy()]
-        if members > 1 and task == "survival":  # each member's risk on its own scale: standardise on the fit patients
+        if (members > 1 or tag) and task == "survival":  # each model's risk on its own scale: standardise on the fit patients
             fp = p[:len(fit_idx)]; p = (p - fp.mean()) / (fp.std() or 1.0)
-        preds.append(p); atts.append(r["attention"]); best.append(r["best_epoch"])
-        history += [{**h, "member": j} for h in r["history"]]
-    attention = [np.mean([a[i] for a in atts], 0) for i in range(len(idx["test"]))] if atts[0] else []
+        preds.append(p); atts.append(r["attention"])
+        history.extend({**h, "member": j, **tag} for h in r["history"])
+        return r["best_epoch"]
+
+    for j, sub in enumerate(subs): best.append(train(j, sub, hp))
     done = [b for b in best if b is not None]
+    if hp["refit"] and done:  # early stopping only measured the length: every fit patient now trains, as many epochs
+        preds.clear(); atts.clear()
+        full = {"train": fit_idx, "val": fit_idx[:0], "test": np.asarray(idx["test"])}
+        for j in range(max(members, 1)): train(j, full, {**hp, "epochs": max(1, round(float(np.median(done))))}, {"refit": True})
+    attention = [np.mean([a[i] for a in atts], 0) for i in range(len(idx["test"]))] if atts[0] else []
     return {"idx": everyone, "pred": np.mean(preds, 0), "attention": attention, "history": history,
             "best_epoch": float(np.mean(done)) if done else None, "seconds": time.perf_counter() - t0}
 
@@ -233,7 +242,7 @@ def _fit(net, inputs, idx, targets, opt, task, hp, rng, progress, fold) -> dict:
         elif vl is not None and epoch + 1 >= hp["min_epochs"] and epoch + 1 - (best_epoch or 0) >= hp["patience"]:
             break
     if state is not None: net.load_state_dict(state)
-    else: _log.info(f"fold {fold}: no validation loss (no validation events); the last epoch's model is used")
+    elif len(val): _log.info(f"fold {fold}: no validation loss (no validation events); the last epoch's model is used")
     if skipped: _log.info(f"fold {fold}: {skipped} training batches (over all epochs) had no event and contributed no Cox loss")
     out, _ = predict(net, inputs, everyone, task, hp)
     _, att = predict(net, inputs, idx["test"], task, hp, attention=True)
@@ -248,6 +257,7 @@ def _truth_dir(manifest, truth) -> Path | None:
     return None
 
 def _curves(history: pd.DataFrame, title: str):
+    if "refit" in history: history = history[history.refit != True]  # refits have no validation curve  # noqa: E712
     if "member" in history: history = history[history.member == 0]  # an ensemble: the first member's curves
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for f, g in history.groupby("fold"):

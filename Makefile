@@ -24,7 +24,7 @@ study: install  ## build the demo cohort if absent, then run every study in conf
 	$(BIN)/wsi-study run configs/study.yaml --cohort demo --out results
 
 DEV_FEATURES := results/demo_dev/features/2mpp_224px_0px/efficientnet_lite0
-tune: install   ## choose the MIL defaults on demo_dev (another generator seed, 100 patients), never on demo (~25 min; 18 with its features built)
+tune: install   ## choose the MIL defaults on demo_dev (another generator seed, 100 patients), never on demo (~25 min; 13-18 with its features built)
 	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --only 10_tiling --only 20_embedding --out results
 	$(BIN)/wsi-study tune data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model meanpool \
 		--grid pca=8,16,32,64 --grid penalizer=0.1,1.0 --out results/demo_dev/tune/meanpool_survival

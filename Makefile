@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test test-fast export clean-results bench tune repeats
+.PHONY: install study demo test test-fast export clean-results bench tune repeats twins
 
 install: $(STAMP)
 
@@ -38,6 +38,13 @@ repeats: install  ## after make study: the demo's survival models cross-validate
 	for m in deepattnmisl abmil meanpool stage_cox; do \
 		$(BIN)/wsi-study train data/demo/manifest.csv --features $(DEMO_FEATURES) --model $$m --task survival \
 			--seeds $(SEEDS) --out results/demo/repeats/$${m}_survival || exit $$?; \
+	done
+
+twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 100 and 40 patients (~12 min; 9 with demo_dev built)
+	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --cohort demo_small_dev --only 10_tiling --only 20_embedding --out results
+	for c in demo_dev demo_small_dev; do \
+		$(BIN)/wsi-study train data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \
+			--model deepattnmisl --task survival --seeds $(SEEDS) --out results/$$c/repeats/deepattnmisl_survival || exit $$?; \
 	done
 
 test: install   ## nbdev drift check, notebook tests, pytest

@@ -40,7 +40,7 @@ repeats: install  ## after make study: the demo's survival models cross-validate
 			--seeds $(SEEDS) --out results/demo/repeats/$${m}_survival || exit $$?; \
 	done
 
-twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 100 and 40 patients (~12 min; 9 with demo_dev built)
+twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 100 and 40 patients (~9 min with their features built; building adds ~8)
 	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --cohort demo_small_dev --only 10_tiling --only 20_embedding --out results
 	for c in demo_dev demo_small_dev; do \
 		$(BIN)/wsi-study train data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \

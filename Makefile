@@ -29,7 +29,7 @@ tune: install   ## choose the MIL defaults on demo_dev (another generator seed, 
 	$(BIN)/wsi-study tune data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model meanpool \
 		--grid pca=8,16,32,64 --grid penalizer=0.1,1.0 --out results/demo_dev/tune/meanpool_survival
 	$(BIN)/wsi-study tune data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model deepattnmisl \
-		--grid size_prior=false,true --grid aux_weight=0.5,0.7,1 --grid batch_size=16,64 --min-localisation 0.86 \
+		--grid size_prior=false,true --grid aux_weight=0.5,0.7,1 --grid batch_size=16,64 --min-localisation 0.9 \
 		--out results/demo_dev/tune/deepattnmisl_survival
 
 DEMO_FEATURES := results/demo/features/2mpp_224px_0px/efficientnet_lite0

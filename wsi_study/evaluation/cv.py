@@ -68,7 +68,7 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
     if bad: raise WsiStudyError(f"unknown hyperparameters for {model}: {', '.join(bad)}; allowed: {', '.join(sorted(hp))}")
     hp.update({k: v for k, v in overrides.items() if v is not None})
     if hp["aux_weight"] is None:  # DeepAttnMISL's stage head trains beside its Cox head; everything else is single-task
-        hp["aux_weight"] = 0.7 if model == "deepattnmisl" and task == "survival" else 0.0
+        hp["aux_weight"] = 1.0 if model == "deepattnmisl" and task == "survival" else 0.0
     if hp["stop_on"] not in ("task", "total"):
         raise WsiStudyError(f"stop_on must be 'task' or 'total', got {hp['stop_on']!r}")
     return hp

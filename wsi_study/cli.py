@@ -102,7 +102,8 @@ def _train_repeats(args) -> int:
 
 def cmd_tune(args) -> int:
     "A hyperparameter sweep of one model on a development cohort (not the cohort you report)."
-    from wsi_study.evaluation.tune import HEADLINE, parse_grid, sweep
+    from wsi_study.evaluation.compare import HEADLINE
+    from wsi_study.evaluation.tune import parse_grid, sweep
     r = sweep(args.manifest, args.features, args.model, args.task, parse_grid(args.grid), args.out, folds=args.folds,
               seeds=args.seeds, min_localisation=args.min_localisation, progress=not args.quiet)
     key = HEADLINE[args.task]

@@ -188,19 +188,18 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
     targets = _targets(bags.labels, device)
     preds, atts, history, best = [], [], [], []
 
-    def train(j, sub, hp, tag=None):  # one network on one role split; its predictions in `everyone`'s order
-        tag = tag or {}
-        torch.manual_seed(seed + 1000 * j + (500 if tag else 0))
+    def train(j, sub, hp, refit=False):  # one network on one role split; its predictions in `everyone`'s order
+        torch.manual_seed(seed + 1000 * j + (500 if refit else 0))
         net = NETS[model](inputs.dim, task=task, ordinal=hp["ordinal"], aux_task=other_task(task) if hp["aux_weight"] else None,
                           **_kwargs(NETS[model], hp)).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
         with cpu_threads(hp["threads"], device):
             r = _fit(net, inputs, sub, targets, opt, task, hp, rng, progress, fold)
         p = np.asarray(r["pred"])[pd.Series(np.arange(len(r["idx"])), index=r["idx"]).loc[everyone].to_numpy()]
-        if (members > 1 or tag) and task == "survival":  # each model's risk on its own scale: standardise on the fit patients
+        if (members > 1 or refit) and task == "survival":  # each model's risk on its own scale: standardise on the fit patients
             fp = p[:len(fit_idx)]; p = (p - fp.mean()) / (fp.std() or 1.0)
         preds.append(p); atts.append(r["attention"])
-        history.extend({**h, "member": j, **tag} for h in r["history"])
+        history.extend({**h, "member": j, **({"refit": True} if refit else {})} for h in r["history"])
         return r["best_epoch"]
 
     for j, sub in enumerate(subs): best.append(train(j, sub, hp))
@@ -208,7 +207,7 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
     if hp["refit"] and done:  # early stopping only measured the length: every fit patient now trains, as many epochs
         preds.clear(); atts.clear()
         full = {"train": fit_idx, "val": fit_idx[:0], "test": np.asarray(idx["test"])}
-        for j in range(max(members, 1)): train(j, full, {**hp, "epochs": max(1, round(float(np.median(done))))}, {"refit": True})
+        for j in range(max(members, 1)): train(j, full, {**hp, "epochs": max(1, round(float(np.median(done))))}, refit=True)
     attention = [np.mean([a[i] for a in atts], 0) for i in range(len(idx["test"]))] if atts[0] else []
     return {"idx": everyone, "pred": np.mean(preds, 0), "attention": attention, "history": history,
             "best_epoch": float(np.mean(done)) if done else None, "seconds": time.perf_counter() - t0}

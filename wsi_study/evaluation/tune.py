@@ -19,17 +19,16 @@ from tqdm.auto import tqdm
 from ..core import WsiStudyError, atomic_path, get_logger
 from ..encoders import file_sha256, tensors_sha256
 from .cv import _truth_dir, model_params, train_cv
+from .compare import HEADLINE  # the one headline metric per task, as the model comparison uses
 from ..models.bags import Bags, load_bags
 from ..report import save_figure
 
 # %% auto #0
-__all__ = ['HEADLINE', 'TRUTH_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint', 'code_fingerprint',
-           'sweep', 'repeat_cv']
+__all__ = ['TRUTH_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint', 'code_fingerprint', 'sweep',
+           'repeat_cv']
 
 # %% ../../nbs/21_tune.ipynb #d1e2f006
 _log = get_logger("wsi_study.evaluation")
-
-HEADLINE = {"survival": "cindex", "stage": "auc_macro"}
 
 def _value(text: str):
     low = text.strip().lower()

@@ -39,6 +39,8 @@ repeats: install  ## after make study: the demo's survival models cross-validate
 		$(BIN)/wsi-study train data/demo/manifest.csv --features $(DEMO_FEATURES) --model $$m --task survival \
 			--seeds $(SEEDS) --out results/demo/repeats/$${m}_survival || exit $$?; \
 	done
+	$(BIN)/wsi-study compare-seeds $(foreach m,deepattnmisl abmil meanpool stage_cox,results/demo/repeats/$(m)_survival) \
+		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --out results/demo/repeats/compare
 
 twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 100 and 40 patients (~9 min with their features built; building adds ~8)
 	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --cohort demo_small_dev --only 10_tiling --only 20_embedding --out results

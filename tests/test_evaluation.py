@@ -263,6 +263,27 @@ def test_cli_train_seeds_is_repeated_cross_validation(cohort, tmp_path):
     for extra in (["--seed", "1"], ["--splits", str(tmp_path / "rep" / "seed0" / "splits.csv")]):
         r = subprocess.run(exe + ["--out", str(tmp_path / "bad"), "--seeds", "0", "1", *extra], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and "--seeds" in r.stderr, r.stderr
+    # a second model over the same seeds: compare-seeds pairs them seed by seed and counts the seeds meeting a target
+    exe2 = [CLI, "-q", "train", str(d / "manifest.csv"), "--features", str(d / "features"), "--model", "stage_cox"]
+    r = subprocess.run(exe2 + ["--out", str(tmp_path / "stage"), "--folds", "3", "--seeds", "0", "1", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cmp = [CLI, "-q", "compare-seeds", str(tmp_path / "rep"), str(tmp_path / "stage"), "--out", str(tmp_path / "cmp")]
+    r = subprocess.run(cmp + ["--reference", "stage", "--target", "oracle_gap<=0.05"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    paired = pd.read_csv(tmp_path / "cmp" / "repeats_paired.csv").set_index("model")
+    other = pd.read_csv(tmp_path / "stage" / "sweep.csv").set_index("seed").cindex
+    diff = np.array([m["cindex"] for m in per_seed]) - other.loc[[0, 1, 2]].to_numpy()
+    assert np.isclose(paired.loc["rep", "diff_mean"], diff.mean()) and paired.loc["rep", "above"] == (diff > 0).sum()
+    models = pd.read_csv(tmp_path / "cmp" / "repeats_models.csv").set_index("model")
+    assert models.loc["rep", "oracle_gap<=0.05"] == sum(m["oracle_gap"] <= 0.05 for m in per_seed)
+    assert "diff_mean" in r.stdout and (tmp_path / "cmp" / "figures" / "paired.png").is_file()
+    for bad, says in ((["--target", "gap"], "METRIC<=VALUE"), (["--reference", "nope"], "reference 'nope'")):
+        r = subprocess.run(cmp + bad, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
+    r = subprocess.run([CLI, "-q", "compare-seeds", str(tmp_path / "rep"), str(tmp_path / "bad"), "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no sweep.csv" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_ensemble_members_never_see_the_test_fold(cohort, tmp_path):

@@ -13,8 +13,8 @@ from pathlib import Path
 from .core import WsiStudyError, get_logger, project_root
 
 # %% auto #0
-__all__ = ['cmd_validate', 'default_real_slides', 'cmd_demo_data', 'cmd_tile', 'cmd_embed', 'cmd_train', 'cmd_tune', 'cmd_bench',
-           'cmd_run', 'build_parser', 'main']
+__all__ = ['cmd_validate', 'default_real_slides', 'cmd_demo_data', 'cmd_tile', 'cmd_embed', 'cmd_train', 'cmd_tune',
+           'cmd_compare_seeds', 'cmd_bench', 'cmd_run', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #68503ea8
 def cmd_validate(args) -> int:
@@ -116,6 +116,16 @@ def cmd_tune(args) -> int:
     print(f"{args.out}/sweep.csv: best {r.config.iloc[0]} ({key} {r[key + '_mean'].iloc[0]:.3f} over {r.runs.iloc[0]} split seeds{floor})")
     return 0
 
+def cmd_compare_seeds(args) -> int:
+    "Models cross-validated over the same split seeds: target counts per model and per-seed paired differences."
+    from wsi_study.evaluation.tune import compare_repeats
+    models, paired = compare_repeats(args.folders, reference=args.reference, targets=args.target, out_dir=args.out)
+    plain, signed = (lambda v: f"{v:.3f}"), {c: "{:+.3f}".format for c in ("diff_mean", "diff_min", "diff_max")}
+    print(models.to_string(index=False, float_format=plain))
+    print(paired.loc[:, :"below"].to_string(index=False, float_format=plain, formatters=signed))
+    print(f"{args.out}/repeats_models.csv, repeats_paired.csv, figures/paired.png")
+    return 0
+
 def cmd_bench(args) -> int:
     "Benchmarks measured as ratios against a baseline run side by side; JSON + markdown into --out."
     from wsi_study.bench import run_bench
@@ -214,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--min-localisation", type=float, default=None, metavar="AUC",
                     help="rank first the settings whose attention localisation AUC reaches AUC on every seed")
     tu.set_defaults(func=cmd_tune)
+    cs = sub.add_parser("compare-seeds", help="models run with train --seeds on the same cohort: targets met and paired differences per seed")
+    cs.add_argument("folders", nargs="+", help="OUT folders of `wsi-study train ... --seeds`, one per model")
+    cs.add_argument("--reference", default=None, help="the folder name the others are paired against (default: the first)")
+    cs.add_argument("--target", action="append", default=[], metavar="METRIC<=V",
+                    help="count the seeds meeting it, e.g. oracle_gap<=0.05 or localisation_auc>=0.85 (repeatable)")
+    cs.add_argument("--out", required=True, help="folder for repeats_models.csv, repeats_paired.csv and figures/paired.png")
+    cs.set_defaults(func=cmd_compare_seeds)
     b = sub.add_parser("bench", help="benchmarks: io, embed, tiling, mil (ratios against baselines, same run)")
     b.add_argument("names", nargs="+", choices=["io", "embed", "tiling", "mil"], metavar="{io,embed,tiling,mil}")
     b.add_argument("--out", default="results/bench", help="where bench_<name>.json and .md go")

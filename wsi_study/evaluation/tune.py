@@ -25,7 +25,7 @@ from ..report import save_figure
 
 # %% auto #0
 __all__ = ['TRUTH_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint', 'code_fingerprint', 'sweep',
-           'repeat_cv']
+           'repeat_cv', 'parse_target', 'compare_repeats']
 
 # %% ../../nbs/21_tune.ipynb #d1e2f006
 _log = get_logger("wsi_study.evaluation")
@@ -185,3 +185,98 @@ def _plot(runs: pd.DataFrame, ranked: pd.DataFrame, key: str, out: Path, title: 
     ax.set_yticks(range(len(order)), order, fontsize=8); ax.invert_yaxis()
     ax.set_xlabel(f"{key} (dots: split seeds, bar: mean)"); ax.set_title(title)
     save_figure(fig, out, "sweep"); plt.close(fig)
+
+# %% ../../nbs/21_tune.ipynb #d1e2f016
+_OPS = {"<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}
+
+def parse_target(text: str) -> tuple[str, str, float]:
+    "`oracle_gap<=0.05` → (metric, operator, value): a target that each seed meets or misses."
+    for op in _OPS:
+        name, sep, value = text.partition(op)
+        if sep and name.strip() and value.strip():
+            try: return name.strip(), op, float(value)
+            except ValueError: break
+    raise WsiStudyError(f"target {text!r}: write METRIC<=VALUE or METRIC>=VALUE, e.g. oracle_gap<=0.05")
+
+def _repeat_runs(folder: Path) -> pd.DataFrame:
+    "A `repeat_cv` folder's rows, one per seed."
+    table = folder / "sweep.csv"
+    if not table.is_file():
+        raise WsiStudyError(f"{folder}: no sweep.csv; run `wsi-study train ... --seeds ... --out {folder}` first")
+    runs = pd.read_csv(table, dtype={"settings": str, "data": str, "code": str})
+    runs = runs[runs.config == config_name({})]
+    if runs.empty: raise WsiStudyError(f"{table}: a hyperparameter sweep, not repeated cross-validation; give a `train --seeds` folder")
+    return runs.set_index("seed").sort_index()
+
+def _test_folds(folder: Path, seed: int) -> pd.Series:
+    f = folder / f"seed{seed}" / "splits.csv"
+    if not f.is_file(): raise WsiStudyError(f"{f}: missing; rerun `wsi-study train ... --seeds {seed} --out {folder}`")
+    s = pd.read_csv(f, dtype={"patient_id": str})
+    return s[s.role == "test"].set_index("patient_id").fold.sort_index()
+
+def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or name → folder) of one cohort and task
+                    reference: str | None = None,  # the model the others are paired against (default: the first)
+                    targets=(),  # e.g. ("oracle_gap<=0.05", "localisation_auc>=0.85"): seeds meeting each, per model
+                    out_dir=None,  # write repeats_models.csv, repeats_paired.csv and figures/paired.png here
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Per model: the headline metric over the split seeds and the seeds meeting each target; per other model: its per-seed difference from `reference`."
+    folders = {k: Path(v) for k, v in folders.items()} if isinstance(folders, dict) else {Path(f).name: Path(f) for f in folders}
+    if len(folders) < 2: raise WsiStudyError("give at least two repeated cross-validation folders to compare")
+    reference = reference or next(iter(folders))
+    if reference not in folders: raise WsiStudyError(f"reference {reference!r} is not one of {', '.join(folders)}")
+    targets = [parse_target(t) for t in targets]
+    runs = {name: _repeat_runs(f) for name, f in folders.items()}
+    heads = {name: next((k for k in HEADLINE.values() if k in r and r[k].notna().any()), None) for name, r in runs.items()}
+    key = heads[reference]
+    for name, k in heads.items():
+        if k != key: raise WsiStudyError(f"{folders[name]} has {k} and {folders[reference]} has {key}: compare models of one task")
+    for name, r in runs.items():
+        if r.data.nunique() != 1:
+            raise WsiStudyError(f"{folders[name]}: its seeds were run on different data; rerun `wsi-study train ... --seeds` there")
+        if r.data.iloc[0] != runs[reference].data.iloc[0]:
+            raise WsiStudyError(f"{folders[name]} and {folders[reference]} were run on other data (features, labels or ground "
+                                "truth); paired differences need one cohort and one set of features")
+    seeds = sorted(set.intersection(*(set(r.index) for r in runs.values())))
+    if not seeds: raise WsiStudyError(f"the folders share no split seed: {', '.join(f'{n}: {sorted(r.index)}' for n, r in runs.items())}")
+    for name, r in runs.items():
+        if extra := sorted(set(r.index) - set(seeds)): _log.warning(f"{folders[name]}: seeds {extra} are not in every folder; left out")
+    for s in seeds:
+        ref = _test_folds(folders[reference], s)
+        for name in folders:
+            if name != reference and not _test_folds(folders[name], s).equals(ref):
+                raise WsiStudyError(f"seed {s}: {folders[name]} and {folders[reference]} have other test folds; rerun both with "
+                                    "the same --folds on the same manifest")
+    models = []
+    for name, r in runs.items():
+        v = r.loc[seeds, key]
+        row = {"model": name, "seeds": len(seeds), f"{key}_mean": v.mean(), f"{key}_sd": v.std(), f"{key}_min": v.min(),
+               f"{key}_max": v.max()}
+        for metric, op, value in targets:
+            m = r.loc[seeds, metric] if metric in r else pd.Series(np.nan, index=seeds)
+            row[f"{metric}{op}{value:g}"] = int(_OPS[op](m, value).sum()) if m.notna().all() else pd.NA
+        models.append(row)
+    paired = []
+    for name, r in runs.items():
+        if name == reference: continue
+        d = r.loc[seeds, key] - runs[reference].loc[seeds, key]
+        paired.append({"model": name, "reference": reference, "seeds": len(seeds), "diff_mean": d.mean(), "diff_sd": d.std(),
+                       "diff_min": d.min(), "diff_max": d.max(), "above": int((d > 0).sum()), "below": int((d < 0).sum()),
+                       **{f"seed{s}": x for s, x in d.items()}})
+    models, paired = pd.DataFrame(models), pd.DataFrame(paired)
+    if out_dir is not None:
+        out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+        for df, n in ((models, "repeats_models.csv"), (paired, "repeats_paired.csv")):
+            with atomic_path(out / n) as tmp: df.to_csv(tmp, index=False)
+        _plot_paired(paired, seeds, key, reference, out)
+    return models, paired
+
+def _plot_paired(paired: pd.DataFrame, seeds, key: str, reference: str, out: Path):
+    "Each model's per-seed difference from the reference (dots) and its mean (bar)."
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(paired) + 1.3))
+    for i, row in enumerate(paired.itertuples()):
+        d = [getattr(row, f"seed{s}") for s in seeds]
+        ax.plot(d, [i] * len(d), "o", color="0.6", ms=4); ax.plot([row.diff_mean], [i], "|", color="C3", ms=14, mew=2)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(paired)), paired.model, fontsize=8); ax.invert_yaxis()
+    ax.set_xlabel(f"{key} minus {reference}'s on the same split seed\n(dots: seeds; bar: mean)", fontsize=8)
+    fig.tight_layout(); save_figure(fig, out, "paired"); plt.close(fig)

@@ -29,7 +29,7 @@ from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
 from ..models.baselines import MeanPoolBaseline, mean_embeddings, stage_onehot
 from .splits import check_splits, fold_indices, load_splits, make_splits, save_splits
-from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap
+from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, risk_components
 from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
@@ -46,7 +46,7 @@ TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, pati
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          members=5, pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
-                         size_prior=True, batch_size=64),  # 64: whole risk sets for the Cox loss on demo_dev (make tune)
+                         size_prior=True, composition=False, batch_size=64),  # 64: whole risk sets for the Cox loss on demo_dev (make tune)
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
@@ -338,6 +338,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     if tdir is not None and task == "survival" and (tdir / "truth.csv").is_file():
         metrics["oracle_cindex"] = oracle_cindex(tdir / "truth.csv", labels, n_boot, seed)
         metrics.update(oracle_gap(tdir / "truth.csv", pred, n_boot, seed))
+        metrics.update(risk_components(tdir / "truth.csv", pred))
     if tdir is not None and (tdir / "truth").is_dir() and (out / "attention").is_dir():
         loc, per_slide = localisation_auc(out, tdir / "truth", n_boot, seed)
         metrics.update(loc); per_slide.to_csv(out / "localisation.csv", index=False)

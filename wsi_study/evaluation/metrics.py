@@ -16,7 +16,7 @@ from ..manifest import STAGES
 
 # %% auto #0
 __all__ = ['PROB_COLS', 'harrell_cindex', 'bootstrap', 'fold_spread', 'survival_metrics', 'oracle_cindex', 'oracle_gap',
-           'auc_ovr_macro', 'stage_metrics', 'plot_confusion', 'compare_runs']
+           'risk_components', 'auc_ovr_macro', 'stage_metrics', 'plot_confusion', 'compare_runs']
 
 # %% ../../nbs/17_metrics.ipynb #5d4559f4
 def harrell_cindex(time,  # follow-up times
@@ -104,6 +104,36 @@ def oracle_gap(truth_csv,  # the demo cohort's truth.csv (slide_id, patient_id, 
     gap = lambda i: harrell_cindex(t[i], lat[i], e[i]) - harrell_cindex(t[i], r[i], e[i])
     return {"oracle_gap": bootstrap(gap, len(p), n_boot, seed),
             "latent_spearman": bootstrap(lambda i: _spearman(lat[i], r[i]), len(p), n_boot, seed)}
+
+def risk_components(truth_csv,  # a synthetic cohort's truth.csv (patient_id, stage, tumour_fraction, latent_risk)
+                    pred: pd.DataFrame,  # out-of-fold predictions: patient_id (index or column), risk, survival_months, event
+                   ) -> dict:
+    """Where a survival model's risk comes from, when the latent risk is the stage's effect plus tumour burden (plus
+    noise), as in the demo generator: `stage_only_cindex`, the C-index of the true stage's effect alone (from a
+    least-squares fit of the latent risk on the stage and the burden; a reference, like the oracle); `burden_weight`, the weight of tumour burden (per sd) relative to
+    the stage's effect in a least-squares fit of the model's risk on both, beside `burden_weight_true`, the same fit of
+    the latent risk; and `burden_spearman_within_stage`, the rank correlation of the risk with the burden among the
+    patients of one stage, averaged over the stages (weighted by size; stages of at least 3 patients). A patient's
+    burden is the mean tumour fraction of its slides. Empty when the truth file lacks those columns."""
+    truth = pd.read_csv(truth_csv, dtype={"patient_id": str})
+    if {"stage", "tumour_fraction", "latent_risk"} - set(truth): return {}
+    g = truth.groupby("patient_id").agg(stage=("stage", "first"), burden=("tumour_fraction", "mean"),
+                                        latent=("latent_risk", "mean"))
+    p = (pred.set_index("patient_id") if "patient_id" in pred else pred)[["risk", "survival_months", "event"]].join(g, how="inner")
+    if len(p) < 4 or p.stage.nunique() < 2: return {}
+    z = ((p.burden - p.burden.mean()) / (p.burden.std() or 1.0)).to_numpy(float)
+    onehot = pd.get_dummies(p.stage).to_numpy(float)  # the stage effects, fitted jointly with the burden's weight
+    effect = onehot @ np.linalg.lstsq(np.column_stack([onehot, z]), p.latent.to_numpy(float), rcond=None)[0][:-1]
+    X = np.column_stack([np.ones(len(p)), effect - effect.mean(), z])
+    def weight(y):  # burden's coefficient over the stage effect's
+        b = np.linalg.lstsq(X, np.asarray(y, float), rcond=None)[0]
+        return float(b[2] / b[1]) if abs(b[1]) > 1e-12 else float("nan")
+    within = [(len(q), _spearman(q.risk.to_numpy(float), q.burden.to_numpy(float))) for _, q in p.groupby("stage") if len(q) >= 3]
+    within = [(n, r) for n, r in within if np.isfinite(r)]
+    return {"stage_only_cindex": harrell_cindex(p.survival_months.to_numpy(float), effect, p.event.to_numpy(float)),
+            "burden_weight": weight(p.risk), "burden_weight_true": weight(p.latent),
+            "burden_spearman_within_stage": float(np.average([r for _, r in within], weights=[n for n, _ in within]))
+                                            if within else float("nan")}
 
 # %% ../../nbs/17_metrics.ipynb #0241b2d3
 PROB_COLS = [f"prob_{s}" for s in STAGES]

@@ -140,7 +140,8 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
         _log.info(f"{model} {task} {name} seed {s}: {key} {m[key]:.3f}")
     return runs[runs.config.isin(keys) & runs.seed.isin(list(seeds))]
 
-TRUTH_METRICS = ("localisation_auc", "latent_spearman", "oracle_cindex", "oracle_gap")  # NaN without ground truth
+TRUTH_METRICS = ("localisation_auc", "latent_spearman", "oracle_cindex", "oracle_gap",  # NaN without ground truth
+                 "stage_only_cindex", "burden_weight", "burden_weight_true", "burden_spearman_within_stage")
 
 def repeat_cv(manifest,  # manifest (path or DataFrame) or a `Bags`
               features_dir,  # its folder of `<slide_id>.h5` feature files
@@ -198,15 +199,18 @@ def parse_target(text: str) -> tuple[str, str, float]:
             except ValueError: break
     raise WsiStudyError(f"target {text!r}: write METRIC<=VALUE or METRIC>=VALUE, e.g. oracle_gap<=0.05")
 
-def _repeat_runs(folder: Path) -> pd.DataFrame:
-    "A `repeat_cv` folder's rows, one per seed."
+def _repeat_runs(folder: Path) -> tuple[pd.DataFrame, Path]:
+    "A `repeat_cv` folder's rows, one per seed (or a one-setting sweep's), and the folder holding their `seed<S>/` runs."
     table = folder / "sweep.csv"
     if not table.is_file():
         raise WsiStudyError(f"{folder}: no sweep.csv; run `wsi-study train ... --seeds ... --out {folder}` first")
     runs = pd.read_csv(table, dtype={"settings": str, "data": str, "code": str})
-    runs = runs[runs.config == config_name({})]
-    if runs.empty: raise WsiStudyError(f"{table}: a hyperparameter sweep, not repeated cross-validation; give a `train --seeds` folder")
-    return runs.set_index("seed").sort_index()
+    configs = runs.config.unique()
+    if config_name({}) in configs: runs = runs[runs.config == config_name({})]
+    elif len(configs) != 1:  # a sweep of one setting compares like repeated cross-validation; of several, it does not
+        raise WsiStudyError(f"{table}: a sweep of {len(configs)} settings; compare-seeds needs one setting per folder")
+    name = runs.config.iloc[0]
+    return runs.set_index("seed").sort_index(), folder if name == config_name({}) else folder / name
 
 def _test_folds(folder: Path, seed: int) -> pd.Series:
     f = folder / f"seed{seed}" / "splits.csv"
@@ -225,7 +229,8 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     reference = reference or next(iter(folders))
     if reference not in folders: raise WsiStudyError(f"reference {reference!r} is not one of {', '.join(folders)}")
     targets = [parse_target(t) for t in targets]
-    runs = {name: _repeat_runs(f) for name, f in folders.items()}
+    runs, bases = {}, {}
+    for name, f in folders.items(): runs[name], bases[name] = _repeat_runs(f)
     heads = {name: next((k for k in HEADLINE.values() if k in r and r[k].notna().any()), None) for name, r in runs.items()}
     key = heads[reference]
     for name, k in heads.items():
@@ -241,9 +246,9 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     for name, r in runs.items():
         if extra := sorted(set(r.index) - set(seeds)): _log.warning(f"{folders[name]}: seeds {extra} are not in every folder; left out")
     for s in seeds:
-        ref = _test_folds(folders[reference], s)
+        ref = _test_folds(bases[reference], s)
         for name in folders:
-            if name != reference and not _test_folds(folders[name], s).equals(ref):
+            if name != reference and not _test_folds(bases[name], s).equals(ref):
                 raise WsiStudyError(f"seed {s}: {folders[name]} and {folders[reference]} have other test folds; rerun both with "
                                     "the same --folds on the same manifest")
     models = []

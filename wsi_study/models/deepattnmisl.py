@@ -223,15 +223,18 @@ class DeepAttnMISL(nn.Module):
                  task: str = "survival", ordinal: bool = False,
                  aux_task: str | None = None,  # a second head for the other task (stage with survival, or survival with stage)
                  size_prior: bool = False,  # add log(cluster size) to the attention logits (see below)
+                 composition: bool = False,  # the heads also read each cluster's share of the patient's patches (see below)
+                 k: int = 8,  # phenotype clusters (the width of the composition)
                 ):
         super().__init__()
-        self.size_prior = size_prior
+        self.size_prior, self.composition = size_prior, composition
         self.fcn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.Tanh(), nn.Linear(attn_hidden, 1))
         self.rho = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.head = TaskHead(attn_hidden, task, ordinal)
-        self.aux_head = TaskHead(attn_hidden, aux_task, ordinal) if aux_task else None
+        width = attn_hidden + (k if composition else 0)
+        self.head = TaskHead(width, task, ordinal)
+        self.aux_head = TaskHead(width, aux_task, ordinal) if aux_task else None
 
     def forward(self, x: torch.Tensor,  # (B, k, D) cluster vectors, or (N, D) patches with `group`
                 mask: torch.Tensor,  # (B, k) True for non-empty clusters
@@ -254,6 +257,10 @@ class DeepAttnMISL(nn.Module):
             logits = logits + torch.log(n.to(logits.dtype).clamp(min=1))
         a = masked_softmax(logits, mask)
         z = self.rho((a[..., None] * torch.where(mask[..., None], h, torch.zeros_like(h))).sum(1))
+        if self.composition:
+            if n is None: raise WsiStudyError("composition needs the cluster sizes: pass `counts` (or `group`)")
+            n = n.to(z.dtype)
+            z = torch.cat([z, n / n.sum(1, keepdim=True).clamp(min=1)], 1)
         out = {"out": self.head(z), "attention": a, **extra}
         if self.aux_head is not None: out["aux_out"] = self.aux_head(z)
         return out

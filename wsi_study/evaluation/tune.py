@@ -224,7 +224,10 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
                     out_dir=None,  # write repeats_models.csv, repeats_paired.csv and figures/paired.png here
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Per model: the headline metric over the split seeds and the seeds meeting each target; per other model: its per-seed difference from `reference`."
-    folders = {k: Path(v) for k, v in folders.items()} if isinstance(folders, dict) else {Path(f).name: Path(f) for f in folders}
+    if not isinstance(folders, dict):  # named by folder; two folders of one name (other cohorts, say) by their paths
+        names = [Path(f).name for f in folders]
+        folders = {(n if names.count(n) == 1 else str(f)): f for n, f in zip(names, folders)}
+    folders = {k: Path(v) for k, v in folders.items()}
     if len(folders) < 2: raise WsiStudyError("give at least two repeated cross-validation folders to compare")
     reference = reference or next(iter(folders))
     if reference not in folders: raise WsiStudyError(f"reference {reference!r} is not one of {', '.join(folders)}")

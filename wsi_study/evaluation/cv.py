@@ -29,7 +29,7 @@ from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
 from ..models.baselines import MeanPoolBaseline, mean_embeddings, stage_onehot
 from .splits import check_splits, fold_indices, load_splits, make_splits, save_splits
-from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, risk_components
+from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, risk_components
 from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
@@ -336,9 +336,10 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     pred.reset_index().drop(columns=["stage_index"], errors="ignore").to_csv(out / "predictions.csv", index=False)
     tdir = _truth_dir(manifest, truth)
     if tdir is not None and task == "survival" and (tdir / "truth.csv").is_file():
-        metrics["oracle_cindex"] = oracle_cindex(tdir / "truth.csv", labels, n_boot, seed)
-        metrics.update(oracle_gap(tdir / "truth.csv", pred, n_boot, seed))
-        metrics.update(risk_components(tdir / "truth.csv", pred))
+        gt = patient_truth(tdir / "truth.csv")  # read once for the three
+        metrics["oracle_cindex"] = oracle_cindex(gt, labels, n_boot, seed)
+        metrics.update(oracle_gap(gt, pred, n_boot, seed))
+        metrics.update(risk_components(gt, pred))
     if tdir is not None and (tdir / "truth").is_dir() and (out / "attention").is_dir():
         loc, per_slide = localisation_auc(out, tdir / "truth", n_boot, seed)
         metrics.update(loc); per_slide.to_csv(out / "localisation.csv", index=False)

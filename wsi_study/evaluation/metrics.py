@@ -15,8 +15,8 @@ from ..core import WsiStudyError
 from ..manifest import STAGES
 
 # %% auto #0
-__all__ = ['PROB_COLS', 'harrell_cindex', 'bootstrap', 'fold_spread', 'survival_metrics', 'oracle_cindex', 'oracle_gap',
-           'risk_components', 'auc_ovr_macro', 'stage_metrics', 'plot_confusion', 'compare_runs']
+__all__ = ['PROB_COLS', 'harrell_cindex', 'bootstrap', 'fold_spread', 'survival_metrics', 'patient_truth', 'oracle_cindex',
+           'oracle_gap', 'risk_components', 'auc_ovr_macro', 'stage_metrics', 'plot_confusion', 'compare_runs']
 
 # %% ../../nbs/17_metrics.ipynb #5d4559f4
 def harrell_cindex(time,  # follow-up times
@@ -72,14 +72,28 @@ def survival_metrics(pred: pd.DataFrame,  # one row per patient: fold, risk, sur
     m["n_patients"], m["n_events"] = len(pred), int(pred.event.sum())
     return m
 
-def oracle_cindex(truth_csv,  # the demo cohort's truth.csv (slide_id, patient_id, latent_risk)
+def patient_truth(truth) -> pd.DataFrame:
+    """A synthetic cohort's ground truth per patient (index patient_id): the latent risk (mean over its slides), and
+    where the file has them the stage and the tumour `burden` (the mean tumour fraction of its slides). `truth`: the
+    truth.csv path, or this table already made (returned as it is), so a caller reads the file once."""
+    if isinstance(truth, pd.DataFrame): return truth
+    t = pd.read_csv(truth, dtype={"patient_id": str})
+    agg = {"latent_risk": ("latent_risk", "mean")}
+    if "stage" in t: agg["stage"] = ("stage", "first")
+    if "tumour_fraction" in t: agg["burden"] = ("tumour_fraction", "mean")
+    out = t.groupby("patient_id").agg(**agg)
+    out.attrs["source"] = str(truth)
+    return out
+
+def _source(truth: pd.DataFrame) -> str: return truth.attrs.get("source", "the truth table")
+
+def oracle_cindex(truth_csv,  # the demo cohort's truth.csv (slide_id, patient_id, latent_risk), or its `patient_truth`
                   labels: pd.DataFrame,  # patient labels (index patient_id: survival_months, event)
                   n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
     "C-index (with bootstrap CI) of the generator's true latent risk, mean over each patient's slides."
-    truth = pd.read_csv(truth_csv, dtype={"patient_id": str})
-    risk = truth.groupby("patient_id").latent_risk.mean()
-    lab = labels.join(risk, how="inner")
-    if lab.empty: raise WsiStudyError(f"{truth_csv}: no patient of the cohort is in the truth file")
+    truth = patient_truth(truth_csv)
+    lab = labels.join(truth.latent_risk, how="inner")
+    if lab.empty: raise WsiStudyError(f"{_source(truth)}: no patient of the cohort is in the truth file")
     t, r, e = lab.survival_months.to_numpy(float), lab.latent_risk.to_numpy(float), lab.event.to_numpy(float)
     return bootstrap(lambda i: harrell_cindex(t[i], r[i], e[i]), len(lab), n_boot, seed)
 
@@ -88,24 +102,24 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = (pd.Series(v).rank().to_numpy() for v in (a, b))
     return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
 
-def oracle_gap(truth_csv,  # the demo cohort's truth.csv (slide_id, patient_id, latent_risk)
+def oracle_gap(truth_csv,  # the demo cohort's truth.csv (slide_id, patient_id, latent_risk), or its `patient_truth`
                pred: pd.DataFrame,  # out-of-fold predictions: patient_id (index or column), risk, survival_months, event
                n_boot: int = 1000, seed: int = 0) -> dict:
     """How much of the recoverable signal a model gets, on its own test patients: `oracle_gap`, the oracle's C-index
     minus the model's with a *paired* bootstrap interval (the same resampled patients for both), and
     `latent_spearman`, the rank correlation of the predicted risk with the true latent risk, which does not depend on
     the noise of the simulated survival times."""
-    truth = pd.read_csv(truth_csv, dtype={"patient_id": str}).groupby("patient_id").latent_risk.mean()
+    truth = patient_truth(truth_csv)
     p = pred.set_index("patient_id") if "patient_id" in pred else pred
-    p = p.join(truth, how="inner")
-    if p.empty: raise WsiStudyError(f"{truth_csv}: no predicted patient is in the truth file")
+    p = p.join(truth.latent_risk, how="inner")
+    if p.empty: raise WsiStudyError(f"{_source(truth)}: no predicted patient is in the truth file")
     t, e = p.survival_months.to_numpy(float), p.event.to_numpy(float)
     lat, r = p.latent_risk.to_numpy(float), p.risk.to_numpy(float)
     gap = lambda i: harrell_cindex(t[i], lat[i], e[i]) - harrell_cindex(t[i], r[i], e[i])
     return {"oracle_gap": bootstrap(gap, len(p), n_boot, seed),
             "latent_spearman": bootstrap(lambda i: _spearman(lat[i], r[i]), len(p), n_boot, seed)}
 
-def risk_components(truth_csv,  # a synthetic cohort's truth.csv (patient_id, stage, tumour_fraction, latent_risk)
+def risk_components(truth_csv,  # a synthetic cohort's truth.csv (patient_id, stage, tumour_fraction, latent_risk), or its `patient_truth`
                     pred: pd.DataFrame,  # out-of-fold predictions: patient_id (index or column), risk, survival_months, event
                    ) -> dict:
     """Where a survival model's risk comes from, when the latent risk is the stage's effect plus tumour burden (plus
@@ -115,15 +129,13 @@ def risk_components(truth_csv,  # a synthetic cohort's truth.csv (patient_id, st
     the latent risk; and `burden_spearman_within_stage`, the rank correlation of the risk with the burden among the
     patients of one stage, averaged over the stages (weighted by size; stages of at least 3 patients). A patient's
     burden is the mean tumour fraction of its slides. Empty when the truth file lacks those columns."""
-    truth = pd.read_csv(truth_csv, dtype={"patient_id": str})
-    if {"stage", "tumour_fraction", "latent_risk"} - set(truth): return {}
-    g = truth.groupby("patient_id").agg(stage=("stage", "first"), burden=("tumour_fraction", "mean"),
-                                        latent=("latent_risk", "mean"))
+    g = patient_truth(truth_csv)
+    if {"stage", "burden"} - set(g): return {}
     p = (pred.set_index("patient_id") if "patient_id" in pred else pred)[["risk", "survival_months", "event"]].join(g, how="inner")
     if len(p) < 4 or p.stage.nunique() < 2: return {}
     z = ((p.burden - p.burden.mean()) / (p.burden.std() or 1.0)).to_numpy(float)
     onehot = pd.get_dummies(p.stage).to_numpy(float)  # the stage effects, fitted jointly with the burden's weight
-    effect = onehot @ np.linalg.lstsq(np.column_stack([onehot, z]), p.latent.to_numpy(float), rcond=None)[0][:-1]
+    effect = onehot @ np.linalg.lstsq(np.column_stack([onehot, z]), p.latent_risk.to_numpy(float), rcond=None)[0][:-1]
     X = np.column_stack([np.ones(len(p)), effect - effect.mean(), z])
     def weight(y):  # burden's coefficient over the stage effect's
         b = np.linalg.lstsq(X, np.asarray(y, float), rcond=None)[0]
@@ -131,7 +143,7 @@ def risk_components(truth_csv,  # a synthetic cohort's truth.csv (patient_id, st
     within = [(len(q), _spearman(q.risk.to_numpy(float), q.burden.to_numpy(float))) for _, q in p.groupby("stage") if len(q) >= 3]
     within = [(n, r) for n, r in within if np.isfinite(r)]
     return {"stage_only_cindex": harrell_cindex(p.survival_months.to_numpy(float), effect, p.event.to_numpy(float)),
-            "burden_weight": weight(p.risk), "burden_weight_true": weight(p.latent),
+            "burden_weight": weight(p.risk), "burden_weight_true": weight(p.latent_risk),
             "burden_spearman_within_stage": float(np.average([r for _, r in within], weights=[n for n, _ in within]))
                                             if within else float("nan")}
 

@@ -102,7 +102,7 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
     runs = _run_all(manifest, features_dir, model, task, dict(grid or {}), Path(out_dir), folds, seeds, truth, progress,
                     fixed)
     ranked = _rank(runs, HEADLINE[task], min_localisation)
-    if len(ranked): _plot(runs, ranked, HEADLINE[task], Path(out_dir), f"{model} · {task}")
+    if len(ranked): _plot(runs, list(ranked.config), HEADLINE[task], Path(out_dir), f"{model} · {task}")
     return ranked
 
 def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth, progress, fixed,
@@ -161,7 +161,7 @@ def repeat_cv(manifest,  # manifest (path or DataFrame) or a `Bags`
     summary.insert(0, "seeds", runs[cols].notna().sum())
     summary = summary.rename_axis("metric").reset_index()
     with atomic_path(out / "repeats.csv") as tmp: summary.to_csv(tmp, index=False)
-    _plot(runs, _rank(runs, HEADLINE[task]), HEADLINE[task], out, f"{model} · {task}: {len(runs)} split seeds")
+    _plot(runs, list(_rank(runs, HEADLINE[task]).config), HEADLINE[task], out, f"{model} · {task}: {len(runs)} split seeds")
     return summary
 
 def _rank(runs: pd.DataFrame, key: str, min_localisation: float | None = None) -> pd.DataFrame:
@@ -176,16 +176,20 @@ def _rank(runs: pd.DataFrame, key: str, min_localisation: float | None = None) -
     r["eligible"] = r.localisation_auc_min >= min_localisation  # NaN (no ground truth) is never eligible
     return r.sort_values(["eligible", f"{key}_mean"], ascending=False).reset_index()
 
-def _plot(runs: pd.DataFrame, ranked: pd.DataFrame, key: str, out: Path, title: str):
-    "Each configuration's runs (one dot per split seed) and their mean, best first."
-    order = list(ranked.config)
-    fig, ax = plt.subplots(figsize=(6, 0.35 * len(order) + 1.2))
+def _plot(runs: pd.DataFrame,  # one row per run: `config` and the value `key`
+          order: list, key: str, out: Path, title: str = "",
+          name: str = "sweep",  # figures/<name>.png
+          xlabel: str | None = None, zero: bool = False):  # `zero`: a line at 0 (for differences)
+    "Each configuration's runs (one dot per split seed) and their mean, in `order` from the top."
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(order) + 1.3))
     for i, c in enumerate(order):
         v = runs.loc[runs.config == c, key]
         ax.plot(v, [i] * len(v), "o", color="0.6", ms=4); ax.plot([v.mean()], [i], "|", color="C3", ms=14, mew=2)
+    if zero: ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(order)), order, fontsize=8); ax.invert_yaxis()
-    ax.set_xlabel(f"{key} (dots: split seeds, bar: mean)"); ax.set_title(title)
-    save_figure(fig, out, "sweep"); plt.close(fig)
+    ax.set_xlabel(xlabel or f"{key} (dots: split seeds, bar: mean)", fontsize=8)
+    if title: ax.set_title(title)
+    fig.tight_layout(); save_figure(fig, out, name); plt.close(fig)
 
 # %% ../../nbs/21_tune.ipynb #d1e2f016
 _OPS = {"<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}
@@ -275,16 +279,7 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
         out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
         for df, n in ((models, "repeats_models.csv"), (paired, "repeats_paired.csv")):
             with atomic_path(out / n) as tmp: df.to_csv(tmp, index=False)
-        _plot_paired(paired, seeds, key, reference, out)
+        diffs = pd.DataFrame([{"config": r["model"], "diff": r[f"seed{s}"]} for r in paired.to_dict("records") for s in seeds])
+        _plot(diffs, list(paired.model), "diff", out, name="paired", zero=True,
+              xlabel=f"{key} minus {reference}'s on the same split seed\n(dots: seeds; bar: mean)")
     return models, paired
-
-def _plot_paired(paired: pd.DataFrame, seeds, key: str, reference: str, out: Path):
-    "Each model's per-seed difference from the reference (dots) and its mean (bar)."
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(paired) + 1.3))
-    for i, row in enumerate(paired.itertuples()):
-        d = [getattr(row, f"seed{s}") for s in seeds]
-        ax.plot(d, [i] * len(d), "o", color="0.6", ms=4); ax.plot([row.diff_mean], [i], "|", color="C3", ms=14, mew=2)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(paired)), paired.model, fontsize=8); ax.invert_yaxis()
-    ax.set_xlabel(f"{key} minus {reference}'s on the same split seed\n(dots: seeds; bar: mean)", fontsize=8)
-    fig.tight_layout(); save_figure(fig, out, "paired"); plt.close(fig)

@@ -25,7 +25,7 @@ from ..report import save_figure
 
 # %% auto #0
 __all__ = ['TRUTH_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint', 'code_fingerprint', 'sweep',
-           'repeat_cv', 'parse_target', 'compare_repeats']
+           'run_dir', 'repeat_cv', 'parse_target', 'compare_repeats']
 
 # %% ../../nbs/21_tune.ipynb #d1e2f006
 _log = get_logger("wsi_study.evaluation")
@@ -129,8 +129,7 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
     key = HEADLINE[task]
     for cfg, s in tqdm(todo, desc=f"{'sweep' if grid else 'repeats'} {model} · {task}", disable=not progress):
         name = config_name(cfg)
-        run_dir = out / name / f"seed{s}" if grid else out / f"seed{s}"  # no grid: one folder per seed
-        m = train_cv(bags, None, model, task, run_dir, folds=folds, seed=s, progress=False, truth=truth,
+        m = train_cv(bags, None, model, task, run_dir(out, name, s), folds=folds, seed=s, progress=False, truth=truth,
                      n_boot=200, heatmaps=0, device=device, **fixed, **cfg)
         row = {"config": name, "seed": s, "settings": keys[name], **prints, **cfg,
                key: m[key], **{k: m.get(k, np.nan) for k in TRUTH_METRICS}, "seconds": m["seconds"]}
@@ -139,6 +138,10 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
         with atomic_path(table) as tmp: runs.to_csv(tmp, index=False)  # one row per finished run: a killed sweep resumes
         _log.info(f"{model} {task} {name} seed {s}: {key} {m[key]:.3f}")
     return runs[runs.config.isin(keys) & runs.seed.isin(list(seeds))]
+
+def run_dir(out: Path, config: str, seed: int) -> Path:
+    "Where a sweep's run is written: `out/<config>/seed<S>/`, or `out/seed<S>/` for repeated cross-validation (no grid)."
+    return out / f"seed{seed}" if config == config_name({}) else out / config / f"seed{seed}"
 
 TRUTH_METRICS = ("localisation_auc", "latent_spearman", "oracle_cindex", "oracle_gap",  # NaN without ground truth
                  "stage_only_cindex", "burden_weight", "burden_weight_true", "burden_spearman_within_stage")
@@ -203,8 +206,8 @@ def parse_target(text: str) -> tuple[str, str, float]:
             except ValueError: break
     raise WsiStudyError(f"target {text!r}: write METRIC<=VALUE or METRIC>=VALUE, e.g. oracle_gap<=0.05")
 
-def _repeat_runs(folder: Path) -> tuple[pd.DataFrame, Path]:
-    "A `repeat_cv` folder's rows, one per seed (or a one-setting sweep's), and the folder holding their `seed<S>/` runs."
+def _repeat_runs(folder: Path) -> pd.DataFrame:
+    "A `repeat_cv` folder's rows, one per seed (or a one-setting sweep's)."
     table = folder / "sweep.csv"
     if not table.is_file():
         raise WsiStudyError(f"{folder}: no sweep.csv; run `wsi-study train ... --seeds ... --out {folder}` first")
@@ -213,11 +216,10 @@ def _repeat_runs(folder: Path) -> tuple[pd.DataFrame, Path]:
     if config_name({}) in configs: runs = runs[runs.config == config_name({})]
     elif len(configs) != 1:  # a sweep of one setting compares like repeated cross-validation; of several, it does not
         raise WsiStudyError(f"{table}: a sweep of {len(configs)} settings; compare-seeds needs one setting per folder")
-    name = runs.config.iloc[0]
-    return runs.set_index("seed").sort_index(), folder if name == config_name({}) else folder / name
+    return runs.set_index("seed").sort_index()
 
-def _test_folds(folder: Path, seed: int) -> pd.Series:
-    f = folder / f"seed{seed}" / "splits.csv"
+def _test_folds(folder: Path, runs: pd.DataFrame, seed: int) -> pd.Series:
+    f = run_dir(folder, runs.loc[seed, "config"], seed) / "splits.csv"
     if not f.is_file(): raise WsiStudyError(f"{f}: missing; rerun `wsi-study train ... --seeds {seed} --out {folder}`")
     s = pd.read_csv(f, dtype={"patient_id": str})
     return s[s.role == "test"].set_index("patient_id").fold.sort_index()
@@ -236,8 +238,7 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     reference = reference or next(iter(folders))
     if reference not in folders: raise WsiStudyError(f"reference {reference!r} is not one of {', '.join(folders)}")
     targets = [parse_target(t) for t in targets]
-    runs, bases = {}, {}
-    for name, f in folders.items(): runs[name], bases[name] = _repeat_runs(f)
+    runs = {name: _repeat_runs(f) for name, f in folders.items()}
     heads = {name: next((k for k in HEADLINE.values() if k in r and r[k].notna().any()), None) for name, r in runs.items()}
     key = heads[reference]
     for name, k in heads.items():
@@ -253,9 +254,9 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     for name, r in runs.items():
         if extra := sorted(set(r.index) - set(seeds)): _log.warning(f"{folders[name]}: seeds {extra} are not in every folder; left out")
     for s in seeds:
-        ref = _test_folds(bases[reference], s)
+        ref = _test_folds(folders[reference], runs[reference], s)
         for name in folders:
-            if name != reference and not _test_folds(bases[name], s).equals(ref):
+            if name != reference and not _test_folds(folders[name], runs[name], s).equals(ref):
                 raise WsiStudyError(f"seed {s}: {folders[name]} and {folders[reference]} have other test folds; rerun both with "
                                     "the same --folds on the same manifest")
     models = []

@@ -11,6 +11,7 @@ import inspect
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -24,7 +25,7 @@ from ..embedding import resolve_device
 from ..manifest import STAGES
 from ..report import km_by_group, save_figure
 from ..models.bags import Bags, load_bags, synthetic_bags, write_features
-from ..models.losses import task_loss, task_predict
+from ..models.losses import cox_ph_loss, task_loss, task_predict
 from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
 from ..models.baselines import MeanPoolBaseline, mean_embeddings, stage_onehot
@@ -33,9 +34,9 @@ from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics,
 from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
-__all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'model_params', 'feature_moments', 'other_task', 'batch_loss',
-           'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold', 'member_splits', 'train_cv',
-           'write_synthetic_cohort', 'bench_mil']
+__all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'model_params', 'feature_moments',
+           'other_task', 'batch_loss', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold',
+           'stack_risk', 'member_splits', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -46,7 +47,7 @@ TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, pati
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          members=5, pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
-                         size_prior=True, composition=False, batch_size=64),  # 64: whole risk sets for the Cox loss on demo_dev (make tune)
+                         size_prior=True, composition=False, batch_size=64, stack=False),  # 64: whole risk sets for the Cox loss on demo_dev (make tune)
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
@@ -69,6 +70,9 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
     hp.update({k: v for k, v in overrides.items() if v is not None})
     if hp["aux_weight"] is None:  # DeepAttnMISL's stage head trains beside its Cox head; everything else is single-task
         hp["aux_weight"] = 1.0 if model == "deepattnmisl" and task == "survival" else 0.0
+    if hp.get("stack") and (task != "survival" or int(hp["members"]) < 2):
+        raise WsiStudyError("stack fits a Cox model on the members' out-of-member risks: it needs task='survival' "
+                            f"and members >= 2 (got task={task!r}, members={hp['members']})")
     if hp["stop_on"] not in ("task", "total"):
         raise WsiStudyError(f"stop_on must be 'task' or 'total', got {hp['stop_on']!r}")
     return hp
@@ -202,15 +206,79 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         history.extend({**h, "member": j, **({"refit": True} if refit else {})} for h in r["history"])
         return r["best_epoch"]
 
-    for j, sub in enumerate(subs): best.append(train(j, sub, hp))
+    pos = pd.Series(np.arange(len(everyone)), index=everyone)
+    oob = np.full(len(everyone), np.nan)  # each fit patient's risk from the member that did not train on it
+    for j, sub in enumerate(subs):
+        best.append(train(j, sub, hp))
+        if hp.get("stack"): v = pos.loc[sub["val"]].to_numpy(); oob[v] = preds[-1][v]
     done = [b for b in best if b is not None]
     if hp["refit"] and done:  # early stopping only measured the length: every fit patient now trains, as many epochs
         preds.clear(); atts.clear()
         full = {"train": fit_idx, "val": fit_idx[:0], "test": np.asarray(idx["test"])}
         for j in range(max(members, 1)): train(j, full, {**hp, "epochs": max(1, round(float(np.median(done))))}, refit=True)
     attention = [np.mean([a[i] for a in atts], 0) for i in range(len(idx["test"]))] if atts[0] else []
-    return {"idx": everyone, "pred": np.mean(preds, 0), "attention": attention, "history": history,
+    pred, coef = np.mean(preds, 0), None
+    if hp.get("stack"):
+        pred, coef = stack_risk(oob, pred, inputs.share[torch.as_tensor(everyone)].cpu().numpy(), len(fit_idx),
+                                bags.labels.iloc[fit_idx], hp["stack"], seed)
+        _log.info(f"fold {fold}: stacked Cox, shares' penalty {coef['penalty']}: " +
+                  ", ".join(f"{k} {v:+.2f}" for k, v in coef.items() if k != "penalty"))
+    return {"idx": everyone, "pred": pred, "attention": attention, "history": history, "stack": coef,
             "best_epoch": float(np.mean(done)) if done else None, "seconds": time.perf_counter() - t0}
+
+STACK_PENALTIES = (0.03, 0.1, 0.3, 1.0)  # the shares' L2 penalties `stack=True` chooses from (or none of them)
+
+def _cox_coef(X, t, e, penalty) -> np.ndarray:
+    "A penalised Cox model's coefficients (lifelines; `penalty` per column; 0 for a column constant in `X`)."
+    from lifelines import CoxPHFitter
+    live, coef = X.std(0) > 1e-9, np.zeros(X.shape[1])  # lifelines divides by each column's sd: a constant one is NaN
+    df = pd.DataFrame(X[:, live], columns=[f"x{i}" for i in np.flatnonzero(live)]).assign(T=t, E=e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lifelines' convergence chatter; the penalty keeps it stable
+        coef[live] = CoxPHFitter(penalizer=np.asarray(penalty, float)[live]).fit(df, "T", "E").params_.to_numpy()
+    return coef
+
+def _log_lik(lp, t, e) -> float:
+    "Breslow log partial likelihood of linear predictors `lp` (0 without events)."
+    nll = cox_ph_loss(torch.as_tensor(lp, dtype=torch.float64), torch.as_tensor(t), torch.as_tensor(e), reduction="sum")
+    return 0.0 if nll is None else -float(nll)
+
+def stack_risk(oob: np.ndarray,  # each patient's risk from a model that did not train on them (training patients first)
+               ens: np.ndarray,  # the ensemble's risk of the same patients (used for the test patients)
+               share: np.ndarray,  # (n, k) each patient's share of patches in every phenotype cluster
+               n_fit: int,  # the first `n_fit` patients are the fold's training patients
+               labels: pd.DataFrame,  # their `survival_months` and `event`
+               penalty: float | bool = True,  # the shares' L2 penalty; True: chosen by inner cross-validation
+               seed: int = 0, inner: int = 5) -> tuple[np.ndarray, dict]:
+    """A Cox model (lifelines) on [out-of-member risk, cluster shares], fitted on the training patients; the shares
+    carry an L2 penalty and the risk hardly any. Returns its linear predictor for every patient (the training patients
+    from their out-of-member risk, the test patients from the ensemble's) and what it chose: `penalty` (None: the
+    shares were left out) and the coefficients per sd of each input. With `penalty=True` the candidates are the
+    risk alone and the risk with the shares under each of `STACK_PENALTIES`, compared by the cross-validated partial
+    likelihood over `inner` folds of the training patients (Verweij & van Houwelingen 1993): a few dozen patients pick
+    a heavy penalty or none, where a fixed light one overfits the k shares."""
+    from sklearn.model_selection import StratifiedKFold
+    if np.isnan(oob[:n_fit]).any(): raise WsiStudyError("stack needs an out-of-member risk for every training patient")
+    keep = np.flatnonzero(share[:n_fit].std(0) > 1e-9)  # a cluster no training patient varies in says nothing
+    X = np.column_stack([np.where(np.arange(len(oob)) < n_fit, oob, ens), share[:, keep]])
+    X = (X - X[:n_fit].mean(0)) / X[:n_fit].std(0).clip(min=1e-9)
+    t, e = labels.survival_months.to_numpy(float), labels.event.to_numpy(float)
+    candidates = [None, *STACK_PENALTIES] if penalty is True else [float(penalty)]
+    def cols(p): return X[:, :1] if p is None else X
+    def pens(p): return [1e-3] if p is None else [1e-3] + [p] * len(keep)
+    best = candidates[0]
+    if len(candidates) > 1:
+        n_cv = min(inner, int(e.sum()), int((1 - e).sum())) if (1 - e).sum() else min(inner, int(e.sum()))
+        strat = e if (1 - e).sum() else np.arange(n_fit) % max(n_cv, 1)  # without censoring: plain folds
+        splits = list(StratifiedKFold(n_cv, shuffle=True, random_state=seed).split(X[:n_fit], strat)) if n_cv >= 2 else []
+        def cvpl(p):
+            Z = cols(p)[:n_fit]
+            return sum(_log_lik(Z @ b, t, e) - _log_lik(Z[tr] @ b, t[tr], e[tr])
+                       for tr, _ in splits for b in [_cox_coef(Z[tr], t[tr], e[tr], pens(p))])
+        if splits: best = max(candidates, key=cvpl)
+    coef = _cox_coef(cols(best)[:n_fit], t, e, pens(best))
+    names = ["risk"] + ([] if best is None else [f"share_{j}" for j in keep])
+    return cols(best) @ coef, {"penalty": best, **dict(zip(names, coef.round(4).tolist()))}
 
 def member_splits(labels: pd.DataFrame, fit_idx, test_idx, task: str, members: int, seed: int = 0) -> list[dict]:
     "Train/val roles for an ensemble: the fold's training patients in `members` stratified parts, each once the validation set."

@@ -206,21 +206,28 @@ def parse_target(text: str) -> tuple[str, str, float]:
             except ValueError: break
     raise WsiStudyError(f"target {text!r}: write METRIC<=VALUE or METRIC>=VALUE, e.g. oracle_gap<=0.05")
 
-def _repeat_runs(folder: Path) -> pd.DataFrame:
-    "A `repeat_cv` folder's rows, one per seed (or a one-setting sweep's)."
-    table = folder / "sweep.csv"
+def _repeat_runs(folder: Path) -> tuple[pd.DataFrame, Path]:
+    """A `repeat_cv` folder's rows, one per seed (or a one-setting sweep's, or those of one setting's folder
+    `<sweep>/<config>` of a larger sweep), and the folder its runs sit under."""
+    root, config = folder, None
+    if not (folder / "sweep.csv").is_file() and (folder.parent / "sweep.csv").is_file():
+        root, config = folder.parent, folder.name  # one setting of a sweep of several
+    table = root / "sweep.csv"
     if not table.is_file():
         raise WsiStudyError(f"{folder}: no sweep.csv; run `wsi-study train ... --seeds ... --out {folder}` first")
     runs = pd.read_csv(table, dtype={"settings": str, "data": str, "code": str})
     configs = runs.config.unique()
-    if config_name({}) in configs: runs = runs[runs.config == config_name({})]
-    elif len(configs) != 1:  # a sweep of one setting compares like repeated cross-validation; of several, it does not
-        raise WsiStudyError(f"{table}: a sweep of {len(configs)} settings; compare-seeds needs one setting per folder")
-    return runs.set_index("seed").sort_index()
+    if config is not None:
+        if config not in configs: raise WsiStudyError(f"{table} has no setting {config!r}; it has {', '.join(configs)}")
+        runs = runs[runs.config == config]
+    elif config_name({}) in configs: runs = runs[runs.config == config_name({})]
+    elif len(configs) != 1:  # a sweep of one setting compares like repeated cross-validation; of several, name one
+        raise WsiStudyError(f"{table}: a sweep of {len(configs)} settings; give one setting's folder, e.g. {root / configs[0]}")
+    return runs.set_index("seed").sort_index(), root
 
-def _test_folds(folder: Path, runs: pd.DataFrame, seed: int) -> pd.Series:
-    f = run_dir(folder, runs.loc[seed, "config"], seed) / "splits.csv"
-    if not f.is_file(): raise WsiStudyError(f"{f}: missing; rerun `wsi-study train ... --seeds {seed} --out {folder}`")
+def _test_folds(root: Path, runs: pd.DataFrame, seed: int) -> pd.Series:
+    f = run_dir(root, runs.loc[seed, "config"], seed) / "splits.csv"
+    if not f.is_file(): raise WsiStudyError(f"{f}: missing; rerun `wsi-study train ... --seeds {seed} --out {root}`")
     s = pd.read_csv(f, dtype={"patient_id": str})
     return s[s.role == "test"].set_index("patient_id").fold.sort_index()
 
@@ -238,7 +245,8 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     reference = reference or next(iter(folders))
     if reference not in folders: raise WsiStudyError(f"reference {reference!r} is not one of {', '.join(folders)}")
     targets = [parse_target(t) for t in targets]
-    runs = {name: _repeat_runs(f) for name, f in folders.items()}
+    read = {name: _repeat_runs(f) for name, f in folders.items()}
+    runs, roots = {n: r[0] for n, r in read.items()}, {n: r[1] for n, r in read.items()}
     heads = {name: next((k for k in HEADLINE.values() if k in r and r[k].notna().any()), None) for name, r in runs.items()}
     key = heads[reference]
     for name, k in heads.items():
@@ -254,9 +262,9 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     for name, r in runs.items():
         if extra := sorted(set(r.index) - set(seeds)): _log.warning(f"{folders[name]}: seeds {extra} are not in every folder; left out")
     for s in seeds:
-        ref = _test_folds(folders[reference], runs[reference], s)
+        ref = _test_folds(roots[reference], runs[reference], s)
         for name in folders:
-            if name != reference and not _test_folds(folders[name], runs[name], s).equals(ref):
+            if name != reference and not _test_folds(roots[name], runs[name], s).equals(ref):
                 raise WsiStudyError(f"seed {s}: {folders[name]} and {folders[reference]} have other test folds; rerun both with "
                                     "the same --folds on the same manifest")
     models = []

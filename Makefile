@@ -42,7 +42,7 @@ repeats: install  ## after make study: the demo's survival models cross-validate
 	$(BIN)/wsi-study compare-seeds $(foreach m,deepattnmisl abmil meanpool stage_cox,results/demo/repeats/$(m)_survival) \
 		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --out results/demo/repeats/compare
 
-twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 100, 40 and 40 patients (~13 min with their features built; building adds ~12)
+twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 100, 40 and 40 patients (~15 min with their features built; building adds ~12)
 	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --cohort demo_small_dev --cohort demo_small_dev3 --only 10_tiling --only 20_embedding --out results
 	for c in demo_dev demo_small_dev demo_small_dev3; do \
 		$(BIN)/wsi-study train data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \

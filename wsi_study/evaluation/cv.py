@@ -375,7 +375,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     save_splits(sp, out / "splits.csv")
     shutil.rmtree(out / "attention", ignore_errors=True)
     cache = {"mean": mean_embeddings(bags)} if model == "meanpool" else None
-    rows, history, best_epochs = [], [], []
+    rows, history, best_epochs, stacks = [], [], [], []
     for f in tqdm(sorted(sp.fold.unique()), desc=f"{model} · {task}", disable=not progress):
         idx = fold_indices(sp, bags.patients, f)
         r = fit_fold(bags, idx, model, task, seed + int(f), dev, progress, int(f), hp, cache)
@@ -394,6 +394,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
                              "pred": STAGES[int(np.argmax(p))]})
         if r["attention"]: _write_attention(out, bags, idx["test"], r["attention"], f, model)
         history += r["history"]; best_epochs.append(r["best_epoch"])
+        if r.get("stack"): stacks.append({"fold": int(f), **r["stack"]})
     pred = pd.DataFrame(rows).set_index("patient_id").loc[[p for p in bags.patients if p in set(sp[sp.role == "test"].patient_id)]]
     if task == "survival":
         pred = pred.join(labels[["survival_months", "event"]])
@@ -412,6 +413,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         loc, per_slide = localisation_auc(out, tdir / "truth", n_boot, seed)
         metrics.update(loc); per_slide.to_csv(out / "localisation.csv", index=False)
     _figures(out, model, task, pred, pd.DataFrame(history), heatmaps)
+    if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
     done = [b for b in best_epochs if b is not None]
     metrics.update(folds=int(sp.fold.nunique()), seed=seed, best_epoch_mean=float(np.mean(done)) if done else None)
     write_metrics(out, metrics)  # deterministic: the same seed writes the same file

@@ -11,7 +11,6 @@ import inspect
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -28,7 +27,7 @@ from ..models.bags import Bags, load_bags, synthetic_bags, write_features
 from ..models.losses import cox_ph_loss, task_loss, task_predict
 from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
-from ..models.baselines import MeanPoolBaseline, mean_embeddings, stage_onehot
+from ..models.baselines import MeanPoolBaseline, cox_coefficients, mean_embeddings, stage_onehot
 from .splits import check_splits, fold_indices, load_splits, make_splits, save_splits
 from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, risk_components
 from .attention import attention_figure, localisation_auc, write_attention
@@ -36,7 +35,7 @@ from .attention import attention_figure, localisation_auc, write_attention
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'model_params', 'feature_moments',
            'other_task', 'batch_loss', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold',
-           'stack_risk', 'member_splits', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
+           'stack_risk', 'kfold', 'member_splits', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -206,11 +205,10 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         history.extend({**h, "member": j, **({"refit": True} if refit else {})} for h in r["history"])
         return r["best_epoch"]
 
-    pos = pd.Series(np.arange(len(everyone)), index=everyone)
-    oob = np.full(len(everyone), np.nan)  # each fit patient's risk from the member that did not train on it
-    for j, sub in enumerate(subs):
-        best.append(train(j, sub, hp))
-        if hp.get("stack"): v = pos.loc[sub["val"]].to_numpy(); oob[v] = preds[-1][v]
+    for j, sub in enumerate(subs): best.append(train(j, sub, hp))
+    if hp.get("stack"):  # each fit patient's risk from the one member that did not train on it (its validation part)
+        pos, oob = pd.Series(np.arange(len(everyone)), index=everyone), np.full(len(everyone), np.nan)
+        for sub, p in zip(subs, preds): v = pos.loc[sub["val"]].to_numpy(); oob[v] = p[v]
     done = [b for b in best if b is not None]
     if hp["refit"] and done:  # early stopping only measured the length: every fit patient now trains, as many epochs
         preds.clear(); atts.clear()
@@ -227,16 +225,6 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
             "best_epoch": float(np.mean(done)) if done else None, "seconds": time.perf_counter() - t0}
 
 STACK_PENALTIES = (0.03, 0.1, 0.3, 1.0)  # the shares' L2 penalties `stack=True` chooses from (or none of them)
-
-def _cox_coef(X, t, e, penalty) -> np.ndarray:
-    "A penalised Cox model's coefficients (lifelines; `penalty` per column; 0 for a column constant in `X`)."
-    from lifelines import CoxPHFitter
-    live, coef = X.std(0) > 1e-9, np.zeros(X.shape[1])  # lifelines divides by each column's sd: a constant one is NaN
-    df = pd.DataFrame(X[:, live], columns=[f"x{i}" for i in np.flatnonzero(live)]).assign(T=t, E=e)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # lifelines' convergence chatter; the penalty keeps it stable
-        coef[live] = CoxPHFitter(penalizer=np.asarray(penalty, float)[live]).fit(df, "T", "E").params_.to_numpy()
-    return coef
 
 def _log_lik(lp, t, e) -> float:
     "Breslow log partial likelihood of linear predictors `lp` (0 without events)."
@@ -257,7 +245,6 @@ def stack_risk(oob: np.ndarray,  # each patient's risk from a model that did not
     risk alone and the risk with the shares under each of `STACK_PENALTIES`, compared by the cross-validated partial
     likelihood over `inner` folds of the training patients (Verweij & van Houwelingen 1993): a few dozen patients pick
     a heavy penalty or none, where a fixed light one overfits the k shares."""
-    from sklearn.model_selection import StratifiedKFold
     if np.isnan(oob[:n_fit]).any(): raise WsiStudyError("stack needs an out-of-member risk for every training patient")
     keep = np.flatnonzero(share[:n_fit].std(0) > 1e-9)  # a cluster no training patient varies in says nothing
     X = np.column_stack([np.where(np.arange(len(oob)) < n_fit, oob, ens), share[:, keep]])
@@ -268,27 +255,29 @@ def stack_risk(oob: np.ndarray,  # each patient's risk from a model that did not
     def pens(p): return [1e-3] if p is None else [1e-3] + [p] * len(keep)
     best = candidates[0]
     if len(candidates) > 1:
-        n_cv = min(inner, int(e.sum()), int((1 - e).sum())) if (1 - e).sum() else min(inner, int(e.sum()))
-        strat = e if (1 - e).sum() else np.arange(n_fit) % max(n_cv, 1)  # without censoring: plain folds
-        splits = list(StratifiedKFold(n_cv, shuffle=True, random_state=seed).split(X[:n_fit], strat)) if n_cv >= 2 else []
+        # too few events for every inner training part to hold some: the risk alone
+        splits = kfold(e.astype(int), inner, seed) if e.sum() >= inner and n_fit >= 2 * inner else []
         def cvpl(p):
             Z = cols(p)[:n_fit]
             return sum(_log_lik(Z @ b, t, e) - _log_lik(Z[tr] @ b, t[tr], e[tr])
-                       for tr, _ in splits for b in [_cox_coef(Z[tr], t[tr], e[tr], pens(p))])
+                       for tr, _ in splits for b in [cox_coefficients(Z[tr], t[tr], e[tr], pens(p))])
         if splits: best = max(candidates, key=cvpl)
-    coef = _cox_coef(cols(best)[:n_fit], t, e, pens(best))
+    coef = cox_coefficients(cols(best)[:n_fit], t, e, pens(best))
     names = ["risk"] + ([] if best is None else [f"share_{j}" for j in keep])
     return cols(best) @ coef, {"penalty": best, **dict(zip(names, coef.round(4).tolist()))}
 
+def kfold(y: np.ndarray, n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    "(train, held-out) positions of `n` shuffled folds, stratified by the integer labels `y` when every label present has `n` members."
+    from sklearn.model_selection import KFold, StratifiedKFold
+    cnt = np.bincount(y)
+    kf = StratifiedKFold(n, shuffle=True, random_state=seed) if cnt[cnt > 0].min() >= n else KFold(n, shuffle=True, random_state=seed)
+    return list(kf.split(np.zeros(len(y)), y))
+
 def member_splits(labels: pd.DataFrame, fit_idx, test_idx, task: str, members: int, seed: int = 0) -> list[dict]:
     "Train/val roles for an ensemble: the fold's training patients in `members` stratified parts, each once the validation set."
-    from sklearn.model_selection import KFold, StratifiedKFold
     fit_idx = np.asarray(fit_idx)
     y = labels["stage_index" if task == "stage" else "event"].to_numpy().astype(int)[fit_idx]
-    cnt = np.bincount(y)
-    kf = StratifiedKFold(members, shuffle=True, random_state=seed) if cnt[cnt > 0].min() >= members else \
-        KFold(members, shuffle=True, random_state=seed)
-    return [{"train": fit_idx[tr], "val": fit_idx[va], "test": np.asarray(test_idx)} for tr, va in kf.split(fit_idx, y)]
+    return [{"train": fit_idx[tr], "val": fit_idx[va], "test": np.asarray(test_idx)} for tr, va in kfold(y, members, seed)]
 
 def _fit(net, inputs, idx, targets, opt, task, hp, rng, progress, fold) -> dict:
     best, state, best_epoch, history, skipped = float("inf"), None, None, [], 0

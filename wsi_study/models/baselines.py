@@ -15,7 +15,7 @@ from .bags import Bags
 from .losses import N_STAGES
 
 # %% auto #0
-__all__ = ['mean_embeddings', 'MeanPoolBaseline', 'stage_onehot']
+__all__ = ['mean_embeddings', 'cox_coefficients', 'MeanPoolBaseline', 'stage_onehot']
 
 # %% ../../nbs/15_baselines.ipynb #b62feb44
 def mean_embeddings(bags: Bags) -> np.ndarray:
@@ -24,6 +24,22 @@ def mean_embeddings(bags: Bags) -> np.ndarray:
     return np.add.reduceat(x.astype(np.float64), bags.offsets[:-1], axis=0) / bags.sizes[:, None]
 
 # %% ../../nbs/15_baselines.ipynb #8c78b4aa
+def cox_coefficients(X: np.ndarray,  # (n, p) covariates
+                     time, event,  # (n,) follow-up and 1 = death observed
+                     penalizer=0.1,  # L2 penalty, one for all columns or one per column
+                    ) -> np.ndarray:
+    "A penalised Cox model's coefficients (lifelines), (p,); a column constant in `X` gets 0 (lifelines would divide by its sd)."
+    from lifelines import CoxPHFitter
+    X = np.asarray(X, float)
+    live, coef = X.std(0) > 1e-9, np.zeros(X.shape[1])
+    pen = np.broadcast_to(np.asarray(penalizer, float), (X.shape[1],))[live]
+    df = pd.DataFrame(X[:, live], columns=[f"x{i}" for i in np.flatnonzero(live)])
+    df["T"], df["E"] = np.asarray(time), np.asarray(event)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lifelines' convergence chatter; the penalizer keeps it stable
+        coef[live] = CoxPHFitter(penalizer=pen if len(set(pen)) > 1 else float(pen[0])).fit(df, "T", "E").params_.to_numpy()
+    return coef
+
 class MeanPoolBaseline:
     "Mean-pooled embeddings → scaler → PCA → CoxPH (survival) or logistic regression (stage)."
     def __init__(self, task: str = "survival",
@@ -48,12 +64,7 @@ class MeanPoolBaseline:
         self.proj = PCA(n_comp, random_state=self.seed).fit(Z) if X.shape[1] > self.pca else None
         Z = self._transform(X)
         if self.task == "survival":
-            from lifelines import CoxPHFitter
-            df = pd.DataFrame(Z, columns=[f"pc{i}" for i in range(Z.shape[1])])
-            df["T"], df["E"] = labels.survival_months.to_numpy(), labels.event.to_numpy()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # lifelines' convergence chatter; the penalizer keeps it stable
-                self.model = CoxPHFitter(penalizer=self.penalizer).fit(df, "T", "E")
+            self.coef_ = cox_coefficients(Z, labels.survival_months.to_numpy(), labels.event.to_numpy(), self.penalizer)
         else:
             from sklearn.linear_model import LogisticRegression
             self.model = LogisticRegression(C=self.C, max_iter=2000).fit(Z, labels.stage_index.to_numpy())
@@ -63,7 +74,7 @@ class MeanPoolBaseline:
         "Risk (n,) for survival, stage probabilities (n, 4) for stage."
         Z = self._transform(X)
         if self.task == "survival":
-            return np.asarray(Z @ self.model.params_.to_numpy(), dtype=np.float64)
+            return np.asarray(Z @ self.coef_, dtype=np.float64)
         p = np.zeros((len(Z), N_STAGES))
         p[:, self.model.classes_] = self.model.predict_proba(Z)  # a stage absent from training gets probability 0
         return p

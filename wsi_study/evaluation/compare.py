@@ -18,7 +18,8 @@ from ..encoders import encoder_slug
 from .metrics import compare_runs
 
 # %% auto #0
-__all__ = ['HEADLINE', 'patch_spec', 'study_features', 'shared_splits', 'keep_splits', 'compare_models', 'forest_plot']
+__all__ = ['HEADLINE', 'TRUTH_COX_LABEL', 'patch_spec', 'study_features', 'shared_splits', 'keep_splits', 'compare_models',
+           'forest_plot']
 
 # %% ../../nbs/20_compare.ipynb #c0a1e006
 def patch_spec(target_mpp: float = 0.5, patch_size: int = 224, overlap: int = 0) -> str:
@@ -49,6 +50,8 @@ def keep_splits(run_dir, path) -> Path:
 # %% ../../nbs/20_compare.ipynb #c0a1e009
 HEADLINE = {"survival": "cindex", "stage": "auc_macro"}
 
+TRUTH_COX_LABEL = "Cox PH on the true stage and burden (learned per fold; ceiling)"
+
 def compare_models(runs: dict,  # label -> train_cv output folder, all of one task on the same splits
                    task: str = "survival",
                    reference: str | None = None,  # label of the model the others are compared with (paired)
@@ -65,7 +68,8 @@ def compare_models(runs: dict,  # label -> train_cv output folder, all of one ta
         row = {"model": label, "task": task, "metric": key, "value": m[key], "ci_low": m[f"{key}_ci_low"], "ci_high": m[f"{key}_ci_high"],
                "fold_mean": m.get(f"{key}_fold_mean"), "fold_sd": m.get(f"{key}_fold_sd"),
                **{k: m.get(k) for k in extra}, "localisation_auc": m.get("localisation_auc"),
-               **{k: m.get(k) for k in ("oracle_gap", "oracle_gap_ci_low", "oracle_gap_ci_high", "latent_spearman")},
+               **{k: m.get(k) for k in ("oracle_gap", "oracle_gap_ci_low", "oracle_gap_ci_high", "latent_spearman",
+                                        "truth_cox_gap", "truth_cox_gap_ci_low", "truth_cox_gap_ci_high")},
                "n_patients": m.get("n_patients")}
         if reference and label != reference:
             c = compare_runs(run, runs[reference], n_boot, seed)
@@ -74,6 +78,9 @@ def compare_models(runs: dict,  # label -> train_cv output folder, all of one ta
         rows.append(row)
         if "oracle_cindex" in m: oracle = m
     if oracle is not None and task == "survival":
+        if "truth_cox_cindex" in oracle:  # the same folds for every model: the same learned reference
+            rows.append({"model": TRUTH_COX_LABEL, "task": task, "metric": key, "value": oracle["truth_cox_cindex"],
+                         "ci_low": oracle["truth_cox_cindex_ci_low"], "ci_high": oracle["truth_cox_cindex_ci_high"]})
         rows.append({"model": "oracle (true latent risk)", "task": task, "metric": key, "value": oracle["oracle_cindex"],
                      "ci_low": oracle["oracle_cindex_ci_low"], "ci_high": oracle["oracle_cindex_ci_high"]})
     return pd.DataFrame(rows)

@@ -29,7 +29,7 @@ from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
 from ..models.baselines import MeanPoolBaseline, cox_coefficients, mean_embeddings, stage_onehot
 from .splits import check_splits, fold_indices, load_splits, make_splits, save_splits
-from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, risk_components
+from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, risk_components, truth_cox
 from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
@@ -394,10 +394,11 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     pred.reset_index().drop(columns=["stage_index"], errors="ignore").to_csv(out / "predictions.csv", index=False)
     tdir = _truth_dir(manifest, truth)
     if tdir is not None and task == "survival" and (tdir / "truth.csv").is_file():
-        gt = patient_truth(tdir / "truth.csv")  # read once for the three
+        gt = patient_truth(tdir / "truth.csv")  # read once for the four
         metrics["oracle_cindex"] = oracle_cindex(gt, labels, n_boot, seed)
         metrics.update(oracle_gap(gt, pred, n_boot, seed))
         metrics.update(risk_components(gt, pred))
+        metrics.update(truth_cox(gt, pred, n_boot, seed))
     if tdir is not None and (tdir / "truth").is_dir() and (out / "attention").is_dir():
         loc, per_slide = localisation_auc(out, tdir / "truth", n_boot, seed)
         metrics.update(loc); per_slide.to_csv(out / "localisation.csv", index=False)

@@ -16,7 +16,8 @@ from ..manifest import STAGES
 
 # %% auto #0
 __all__ = ['PROB_COLS', 'harrell_cindex', 'bootstrap', 'fold_spread', 'survival_metrics', 'patient_truth', 'oracle_cindex',
-           'oracle_gap', 'risk_components', 'auc_ovr_macro', 'stage_metrics', 'plot_confusion', 'compare_runs']
+           'oracle_gap', 'risk_components', 'truth_cox_risk', 'truth_cox', 'auc_ovr_macro', 'stage_metrics',
+           'plot_confusion', 'compare_runs']
 
 # %% ../../nbs/17_metrics.ipynb #5d4559f4
 def harrell_cindex(time,  # follow-up times
@@ -146,6 +147,43 @@ def risk_components(truth_csv,  # a synthetic cohort's truth.csv (patient_id, st
             "burden_weight": weight(p.risk), "burden_weight_true": weight(p.latent_risk),
             "burden_spearman_within_stage": float(np.average([r for _, r in within], weights=[n for n, _ in within]))
                                             if within else float("nan")}
+
+# %% ../../nbs/17_metrics.ipynb #7c0e11a2
+def truth_cox_risk(truth_csv,  # a synthetic cohort's truth.csv (stage, tumour_fraction), or its `patient_truth`
+                   pred: pd.DataFrame,  # out-of-fold predictions: patient_id (index or column), fold, survival_months, event
+                   penalizer: float = 0.01,  # lifelines' L2 penalty (on standardised columns), for stability only
+                  ) -> pd.Series:
+    """Each patient's risk from a Cox model on the true stage (one-hot) and tumour burden, fitted on the patients of
+    the other folds of `pred`; standardised on those patients, as `train_cv` does with a model's risk. Empty without
+    the stage and burden columns."""
+    from wsi_study.models.baselines import cox_coefficients
+    g = patient_truth(truth_csv)
+    if {"stage", "burden"} - set(g): return pd.Series(dtype=float)
+    p = (pred.set_index("patient_id") if "patient_id" in pred else pred)[["fold", "survival_months", "event"]].join(g, how="inner")
+    X = np.column_stack([pd.get_dummies(p.stage).to_numpy(float), p.burden.to_numpy(float)])
+    t, e, fold, out = p.survival_months.to_numpy(float), p.event.to_numpy(float), p.fold.to_numpy(), np.full(len(p), np.nan)
+    for f in np.unique(fold):
+        fit, test = fold != f, fold == f
+        if e[fit].sum() == 0: continue  # nothing to fit a Cox model on: these patients stay NaN
+        c = cox_coefficients(X[fit], t[fit], e[fit], penalizer)
+        lp = X[fit] @ c
+        out[test] = (X[test] @ c - lp.mean()) / (lp.std() or 1.0)
+    return pd.Series(out, index=p.index, name="truth_cox_risk")
+
+def truth_cox(truth_csv,  # a synthetic cohort's truth.csv, or its `patient_truth`
+              pred: pd.DataFrame,  # out-of-fold predictions: patient_id (index or column), fold, risk, survival_months, event
+              n_boot: int = 1000, seed: int = 0) -> dict:
+    """`truth_cox_cindex`, the C-index (bootstrap CI) of `truth_cox_risk` on the model's test patients, and
+    `truth_cox_gap`, that minus the model's C-index (paired bootstrap): how far a model is from what finding the
+    stage and burden exactly would give with the same training patients. Empty without those truth columns."""
+    r = truth_cox_risk(truth_csv, pred)
+    if r.empty: return {}
+    p = (pred.set_index("patient_id") if "patient_id" in pred else pred)[["risk", "survival_months", "event"]]
+    p = p.join(r, how="inner").dropna(subset=["truth_cox_risk"])
+    t, e, ref, m = (p[c].to_numpy(float) for c in ("survival_months", "event", "truth_cox_risk", "risk"))
+    return {"truth_cox_cindex": bootstrap(lambda i: harrell_cindex(t[i], ref[i], e[i]), len(p), n_boot, seed),
+            "truth_cox_gap": bootstrap(lambda i: harrell_cindex(t[i], ref[i], e[i]) - harrell_cindex(t[i], m[i], e[i]),
+                                       len(p), n_boot, seed)}
 
 # %% ../../nbs/17_metrics.ipynb #0241b2d3
 PROB_COLS = [f"prob_{s}" for s in STAGES]

@@ -144,7 +144,8 @@ def run_dir(out: Path, config: str, seed: int) -> Path:
     return out / f"seed{seed}" if config == config_name({}) else out / config / f"seed{seed}"
 
 TRUTH_METRICS = ("localisation_auc", "latent_spearman", "oracle_cindex", "oracle_gap",  # NaN without ground truth
-                 "stage_only_cindex", "burden_weight", "burden_weight_true", "burden_spearman_within_stage")
+                 "stage_only_cindex", "burden_weight", "burden_weight_true", "burden_spearman_within_stage",
+                 "truth_cox_cindex", "truth_cox_gap")
 
 def repeat_cv(manifest,  # manifest (path or DataFrame) or a `Bags`
               features_dir,  # its folder of `<slide_id>.h5` feature files

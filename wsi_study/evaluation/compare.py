@@ -86,20 +86,26 @@ def compare_models(runs: dict,  # label -> train_cv output folder, all of one ta
     return pd.DataFrame(rows)
 
 def forest_plot(tables: list[pd.DataFrame], title: str = ""):
-    "One panel per task: each model's headline metric with its 95 % interval (the oracle, if any, as a line)."
+    "One panel per task: each model's headline metric with its 95 % interval (the learned ceiling, if any, in grey; the oracle as a line)."
     fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 0.45 * max(len(t) for t in tables) + 1.4),
                              squeeze=False)
     for ax, t in zip(axes[0], tables):
         key = t.metric.iloc[0]
         models = t[~t.model.str.startswith("oracle")]
         y = np.arange(len(models))[::-1]
-        ax.errorbar(models.value, y, xerr=[models.value - models.ci_low, models.ci_high - models.value], fmt="o",
-                    color="#2b6cb0", ecolor="#90cdf4", elinewidth=3, capsize=0)
-        ax.set_yticks(y, models.model)
+        ceiling = (models.model == TRUTH_COX_LABEL).to_numpy()
+        for rows, dot, bar in ((~ceiling, "#2b6cb0", "#90cdf4"), (ceiling, "0.35", "0.8")):  # the reference in grey
+            v, lo, hi = (models.loc[rows, c].to_numpy(float) for c in ("value", "ci_low", "ci_high"))
+            ax.errorbar(v, y[rows], xerr=[v - lo, hi - v], fmt="o", color=dot, ecolor=bar, elinewidth=3, capsize=0)
+        ax.set_yticks(y, models.model.replace({TRUTH_COX_LABEL: "ceiling: Cox on true stage + burden"}))
         ref = 0.5
         ax.axvline(ref, color="grey", lw=0.8, ls=":")
         orc = t[t.model.str.startswith("oracle")]
-        if len(orc): ax.axvline(float(orc.value.iloc[0]), color="#c53030", lw=1, ls="--", label="oracle (true risk)"); ax.legend(fontsize=7, loc="lower right")
+        if len(orc):  # named above the axes, where it covers no model
+            x = float(orc.value.iloc[0])
+            ax.axvline(x, color="#c53030", lw=1, ls="--")
+            ax.annotate("oracle", (x, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=7,
+                        color="#c53030")
         ax.set_xlabel({"cindex": "C-index (95% CI)", "auc_macro": "macro one-vs-rest AUC (95% CI)"}[key])
         ax.set_title(t.task.iloc[0], fontsize=10)
     if title: fig.suptitle(title, fontsize=11)

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 
@@ -127,6 +128,36 @@ def test_kill_mid_slide_then_resume(tmp_path):
     assert not temps(folder, "")
     with h5py.File(folder / "second.h5", "r") as f:
         assert f["features"].shape == (300, 1024) and f.attrs["n_patches"] == 300
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="shared memory is not a folder here")
+def test_kill_with_reader_processes_frees_shared_memory(tmp_path):
+    "Readers hand batches over by shared-memory name; SIGKILL mid-slide, and torch's manager frees every one."
+    tiles = write_tiles(tmp_path / "cmu.h5", np.tile(grid(117), (40, 1)))  # 4,680 patches: still reading at the kill
+    script = textwrap.dedent(f"""
+        from wsi_study.embedding import embed_slide
+        embed_slide({str(CMU)!r}, {str(tiles)!r}, {str(tmp_path / 'cmu_features.h5')!r}, {FAST!r}, batch_size=32,
+                    workers=2, device="cpu")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ours = lambda: [p for p in Path("/dev/shm").glob("torch_*") if p.name.split("_")[1] in pids]  # noqa: E731
+    pids, deadline = set(), time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:  # until the readers have batches in shared memory
+            pids = {str(c.pid) for c in psutil.Process(proc.pid).children()}
+            if ours(): break
+            time.sleep(0.05)
+        assert proc.poll() is None and ours(), f"no batch in shared memory before the kill: {proc.stderr.read()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.time() + 60  # the readers notice their parent is gone; then the manager frees what they made
+    while ours() and time.time() < deadline:
+        time.sleep(0.25)
+    assert not ours(), f"shared memory left behind by the killed run: {[p.name for p in ours()][:5]}"
+    assert not (tmp_path / "cmu_features.h5").exists()
 
 
 def test_bad_slides_go_to_failures_csv(tmp_path):

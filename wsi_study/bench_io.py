@@ -11,17 +11,16 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from torch.utils.data import DataLoader
 
 from .bench import default_slide, interleave, measurement, median_note, rates, usable_cpus
 from .core import WsiStudyError
-from .embedding import Normaliser, PatchDataset, stack_patches
+from .embedding import Normaliser, PatchDataset, patch_loader
 from .encoders import IMAGENET_MEAN, IMAGENET_STD
 from .slides import quiet_readers
 from .tiling import grid_coords
 
 # %% auto #0
-__all__ = ['per_cpu_scaling', 'bench_io']
+__all__ = ['busy', 'per_cpu_scaling', 'bench_io']
 
 # %% ../nbs/08a_bench_io.ipynb #e9eddd09
 def _children_cpu() -> float:
@@ -31,6 +30,15 @@ def _children_cpu() -> float:
         with contextlib.suppress(psutil.Error):
             t = c.cpu_times(); total += t.user + t.system
     return total
+
+def _own_cpu() -> float:
+    "CPU seconds used so far by this process (all its threads)."
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+def busy(runs: list, cpus: int) -> float:
+    "How busy `cpus` CPUs were over a loader's runs: the median of (main + worker CPU seconds) / (cpus × wall seconds)."
+    return float(np.median([(r["worker_cpu_seconds"] + r["main_cpu_seconds"]) / (cpus * r["seconds"]) for r in runs]))
 
 def per_cpu_scaling(best: dict) -> dict:
     "Patches per worker CPU-second with w workers over that with 1, for each w > 1 (from each count's best run)."
@@ -72,7 +80,7 @@ def bench_io(out_dir,  # where scratch files go
         ds = PatchDataset(slide, coords, patch_size, patch_size)
         normalise, n = Normaliser(IMAGENET_MEAN, IMAGENET_STD), 0
         with torch.inference_mode():
-            for x in DataLoader(ds, batch_size=batch_size, collate_fn=stack_patches):
+            for x in patch_loader(ds, batch_size):
                 model(normalise(x)); n += len(x)
         return n
 
@@ -83,20 +91,21 @@ def bench_io(out_dir,  # where scratch files go
 
     model = torch.nn.Identity()
     loaders = {}
-    def loader(w, normalised=True, backend="auto"):
-        key = f"loader_w{w}" + ("" if normalised else "_uint8") + ("" if backend == "auto" else f"_{backend}")
+    def loader(w, normalised=True, backend="auto", by_descriptor=False):
+        key = (f"loader_w{w}" + ("" if normalised else "_uint8") + ("" if backend == "auto" else f"_{backend}")
+               + ("_fd" if by_descriptor else ""))
         ds = PatchDataset(slide, coords, patch_size, patch_size, backend=backend)
-        dl = DataLoader(ds, batch_size=batch_size, num_workers=w, collate_fn=stack_patches, persistent_workers=w > 0,
-                        prefetch_factor=4 if w else None)
+        # embed_slide's loader; by_descriptor: torch's default hand-over from the workers instead (a diagnostic)
+        dl = patch_loader(ds, batch_size, w, persistent_workers=w > 0, **({"worker_init_fn": None} if by_descriptor else {}))
         loaders[key] = dl
         normalise = Normaliser(IMAGENET_MEAN, IMAGENET_STD)  # as embed_slide: one per loader, its buffer reused
         def run():
-            n, c0 = 0, _children_cpu()
+            n, c0, m0 = 0, _children_cpu(), _own_cpu()
             with torch.inference_mode():
                 for x in dl:
                     model(normalise(x) if normalised else x)
                     n += len(x)
-            worker_cpu[key].append(_children_cpu() - c0)
+            worker_cpu[key].append((_children_cpu() - c0, _own_cpu() - m0))
             return n
         return run
 
@@ -104,11 +113,13 @@ def bench_io(out_dir,  # where scratch files go
     contenders = {"raw_openslide": raw, "tiatoolbox": tiatoolbox, **{f"loader_w{w}": loader(w) for w in counts}}
     if diagnose:
         contenders.update({f"loader_w{w}_uint8": loader(w, False) for w in counts})
+        contenders.update({f"loader_w{w}_fd": loader(w, by_descriptor=True) for w in workers})
         contenders["loader_w0_openslide"] = loader(0, backend="openslide")  # the same loader reading through OpenSlide
         contenders.update(raw_openslide_cold=raw_cold, loader_w0_cold=loader_cold)
     worker_cpu.update({k: [] for k in contenders if k.startswith("loader_w")})
     pins = {"raw_openslide": dict(cpus=1, threads=1), "tiatoolbox": dict(cpus=1, threads=1)}
-    pins.update({k: dict(cpus=max(1, w), threads=1) for w in counts for k in (f"loader_w{w}", f"loader_w{w}_uint8")})
+    pins.update({k: dict(cpus=max(1, w), threads=1) for w in counts
+                 for k in (f"loader_w{w}", f"loader_w{w}_uint8", f"loader_w{w}_fd")})
     pins.update({k: dict(cpus=1, threads=1) for k in ("loader_w0_openslide", "raw_openslide_cold", "loader_w0_cold")})
     try:
         runs = interleave(contenders, rounds, pins, desc="bench io", progress=progress)
@@ -118,7 +129,7 @@ def bench_io(out_dir,  # where scratch files go
             if it is not None and hasattr(it, "_shutdown_workers"): it._shutdown_workers()
         loaders.clear()
     for k, cpu in worker_cpu.items():  # the first entry is the warm-up
-        for run, c in zip(runs[k], cpu[1:]): run["worker_cpu_seconds"] = c
+        for run, (c, m) in zip(runs[k], cpu[1:]): run.update(worker_cpu_seconds=c, main_cpu_seconds=m)
     r = {k: v["best"] for k, v in rates(runs).items()}
     ps = "patches/s"
     rows = [measurement("raw_openslide_per_s", "raw OpenSlide read_region + RGB, 1 core", r["raw_openslide"], ps),
@@ -140,6 +151,11 @@ def bench_io(out_dir,  # where scratch files go
                              "(no normalisation)", r[f"loader_w{w}_uint8"], "patches/s") for w in counts]
         rows += [measurement(f"scaling_w{w}_uint8", f"diagnostic: {w} workers / ({w} × 1 worker), uint8 batches",
                              r[f"loader_w{w}_uint8"] / (w * r["loader_w1_uint8"]), "×") for w in big]
+        rows += [measurement(f"loader_w{w}_fd_per_s", f"diagnostic: our loader, {w} worker{'s' * (w > 1)}, batches "
+                             "handed over by file descriptor (torch's default) instead of by name", r[f"loader_w{w}_fd"],
+                             "patches/s") for w in workers]
+        rows += [measurement(f"scaling_w{w}_fd", f"diagnostic: {w} workers / ({w} × 1 worker), by file descriptor",
+                             r[f"loader_w{w}_fd"] / (w * r["loader_w1_fd"]), "×") for w in big]
         rows.append(measurement("loader_w0_openslide_per_s", "diagnostic: our loader in process, reading through "
                                 "OpenSlide instead of tifffile tiles", r["loader_w0_openslide"], "patches/s"))
         rows += [measurement("raw_openslide_cold_per_s", "diagnostic: raw OpenSlide, fresh handle each run (every "
@@ -153,6 +169,10 @@ def bench_io(out_dir,  # where scratch files go
         cpu, wall = best[w]["worker_cpu_seconds"], best[w]["seconds"]
         rows.append(measurement(f"cpu_share_w{w}", f"diagnostic: CPU time the {w} worker{'s' * (w > 1)} got / "
                                 f"({w} × wall time), best round", cpu / (w * wall), "×"))
+    if diagnose:  # idle CPU: the main process waiting for batches while the workers wait for a CPU or their GIL
+        rows += [measurement(f"busy_w{w}{sfx}", f"diagnostic: CPU time of the main process and the {w} worker"
+                             f"{'s' * (w > 1)} / ({w} × wall time), median round, {how}", busy(runs[f"loader_w{w}{sfx}"], w), "×")
+                 for w in workers for sfx, how in (("", "batches by name"), ("_fd", "by file descriptor"))]
     rows += [measurement(f"per_cpu_scaling_w{w}", f"diagnostic: patches per worker CPU-second, {w} workers / 1 worker "
                          "(scaling if the CPUs were free)", v, "×") for w, v in per_cpu_scaling(best).items()]
     notes = [f"{len(grid)} whole {patch_size}-px patches on the grid, cycled to {len(coords)} reads per run; best of "

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -91,7 +92,10 @@ def run_study(study: dict,  # one entry of `load_studies`
     "Execute one study notebook with papermill; returns its record for run.json (status, time, memory, error)."
     import papermill as pm
     out_dir = Path(out_dir)
-    for sub in ("figures", "tables"): (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    for sub in ("figures", "tables"):  # every figure, table and metric in the folder comes from this run: a figure a
+        shutil.rmtree(out_dir / sub, ignore_errors=True)  # notebook draws only sometimes must not outlive its run
+        (out_dir / sub).mkdir(parents=True)
+    (out_dir / "metrics.json").unlink(missing_ok=True)
     executed = out_dir / f"{study['name']}.ipynb"
     rec = {"name": study["name"], "notebook": str(study["notebook"]), "output": str(executed), "parameters": params}
     t0 = time.perf_counter()

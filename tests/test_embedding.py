@@ -160,6 +160,40 @@ def test_kill_with_reader_processes_frees_shared_memory(tmp_path):
     assert not (tmp_path / "cmu_features.h5").exists()
 
 
+def damage(path):
+    "Overwrite the start of the middle third of every JPEG tile of every page: the file still opens, its pixels do not."
+    import tifffile
+    with tifffile.TiffFile(path) as t:
+        chunks = [(p.dataoffsets, p.databytecounts) for p in t.pages if p.is_tiled]
+    with open(path, "r+b") as f:
+        for offsets, counts in chunks:
+            for i in range(len(offsets) // 3, 2 * len(offsets) // 3):
+                f.seek(offsets[i]); f.write(b"\0" * min(int(counts[i]), 64))
+
+
+def test_damaged_slide_is_one_failure_line(tmp_path):
+    """A slide whose tiles cannot be decoded: tiling and embedding (with reader processes) each record one line naming
+    the file, the other slide completes, exit code 2, no traceback."""
+    from conftest import run_cli
+    (tmp_path / "damaged.svs").write_bytes(CMU.read_bytes())
+    (tmp_path / "m.csv").write_text(f"slide_id,patient_id,path\ndamaged,p1,damaged.svs\ngood,p2,{CMU}\n")
+    tiles, feats = tmp_path / "tiles", tmp_path / "features"
+    res = run_cli("-q", "tile", tmp_path / "m.csv", "--out", tiles, "--mpp", "1", "--scheduler", "none")
+    assert res.returncode == 0, res.stderr[-2000:]
+    damage(tmp_path / "damaged.svs")
+    res = run_cli("-q", "embed", tmp_path / "m.csv", "--tiles", tiles, "--out", feats, "--encoder", FAST,
+                  "--workers", "2", "--batch-size", "8", "--device", "cpu", "--scheduler", "none")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    error = pd.read_csv(feats / "failures.csv").set_index("slide_id").error["damaged"]
+    assert "damaged.svs: the patch at level-0" in error and "could not be read" in error and "\n" not in error
+    assert feature_path(feats, FAST, "good").is_file() and not feature_path(feats, FAST, "damaged").exists()
+    res = run_cli("-q", "tile", tmp_path / "m.csv", "--out", tmp_path / "tiles2", "--mpp", "1", "--scheduler", "none")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    error = pd.read_csv(tmp_path / "tiles2" / "failures.csv").set_index("slide_id").error["damaged"]
+    assert "damaged.svs: reading it failed while tiling" in error
+    assert (tmp_path / "tiles2" / "good.h5").is_file()
+
+
 def test_bad_slides_go_to_failures_csv(tmp_path):
     "A text file named .svs and a slide without a tiles file are listed in failures.csv; the others complete."
     bad = tmp_path / "corrupt.svs"

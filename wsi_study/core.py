@@ -22,7 +22,7 @@ import yaml
 # %% auto #0
 __all__ = ['COHORT_KEYS', 'DEMO_KEYS', 'WsiStudyError', 'ConfigError', 'SlideError', 'ManifestError', 'StudyError',
            'seed_everything', 'atomic_path', 'write_text', 'write_json', 'clean_stale_temps', 'record_failures',
-           'flatten_metrics', 'write_metrics', 'read_yaml', 'load_cohort', 'project_root', 'get_logger']
+           'one_line', 'flatten_metrics', 'write_metrics', 'read_yaml', 'load_cohort', 'project_root', 'get_logger']
 
 # %% ../nbs/00_core.ipynb #17861b7d
 class WsiStudyError(Exception):
@@ -131,6 +131,17 @@ def record_failures(out_dir,  # the stage's output folder
         with atomic_path(path, suffix=".csv") as tmp:
             table.to_csv(tmp, index=False)
     return path
+
+def one_line(e: BaseException) -> str:
+    """An error as the one line a failures.csv row or a log line shows: a wsi-study error's first line (it names the
+    file and what to do), anything else as `Type: first line`. torch re-raises a reader process's error with the
+    reader's traceback in its message; then the line is that traceback's last, the error itself."""
+    import re
+    lines = [line for line in str(e).strip().splitlines() if line.strip()] or [""]
+    msg = lines[0]
+    if msg.startswith("Caught ") and "DataLoader worker" in msg:
+        msg = re.sub(rf"^([\w.]+\.)?{type(e).__name__}: ", "", lines[-1])
+    return msg if isinstance(e, WsiStudyError) else f"{type(e).__name__}: {msg}"
 
 # %% ../nbs/00_core.ipynb #3a891835
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, Any]:

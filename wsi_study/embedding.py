@@ -23,7 +23,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .core import SlideError, WsiStudyError, atomic_path, clean_stale_temps, get_logger, record_failures
+from .core import (SlideError, WsiStudyError, atomic_path, clean_stale_temps, get_logger, one_line,
+                            record_failures)
 from .encoders import Encoder, encoder_slug, load_encoder
 from .slides import open_slide, quiet_readers, slide_mpp
 from .tiffread import TiffTiles
@@ -153,9 +154,17 @@ class PatchDataset(Dataset):
         return x >= 0 and y >= 0 and x + self.patch_size_level0 <= w and y + self.patch_size_level0 <= h
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        try:
+            patch = self.read_patch(i)
+        except WsiStudyError:
+            raise
+        except Exception as e:  # a reader's own error (a damaged JPEG tile, a truncated file) names no slide or patch
+            x, y = (int(v) for v in self.coords[i])
+            raise SlideError(f"{self.slide_path}: the patch at level-0 x={x}, y={y} could not be read ({one_line(e)}); "
+                             "the file may be damaged: copy or export it again") from e
         # a 3×S×S *view* of the S×S×3 pixels, no transposing copy: `stack_patches` batches them as a channels-last
         # (B, 3, S, S) tensor, which convolutions take as they are (and faster on CPU: 1.3-1.6x measured here)
-        return torch.from_numpy(self.read_patch(i)).permute(2, 0, 1)
+        return torch.from_numpy(patch).permute(2, 0, 1)
 
 # %% ../nbs/06_embedding.ipynb #bf854534
 _log = get_logger("wsi_study.embedding")
@@ -262,6 +271,16 @@ def _reader_init(worker_id: int):
     shared-memory manager frees what a killed run leaves behind (tested with SIGKILL in tests/test_embedding.py)."""
     torch.multiprocessing.set_sharing_strategy("file_system")
 
+@contextlib.contextmanager
+def _stopping(batches):
+    """Stop a batch iterator's readers on leaving, error or not. Left to the garbage collector, a failed slide's
+    iterator lives on in its traceback, and the next slide's reader processes inherit it as they fork."""
+    try:
+        yield batches
+    finally:
+        if hasattr(batches, "_shutdown_workers"): batches._shutdown_workers()  # torch's readers (its own __del__ calls this)
+        elif hasattr(batches, "close"): batches.close()  # the `prefetch` thread
+
 def patch_loader(ds: Dataset,  # a `PatchDataset`
                  batch_size: int,  # patches per batch
                  workers: int = 0,  # reader processes (0: read in this process)
@@ -313,7 +332,7 @@ def embed_slide(slide_path,  # the slide file
     trident = {"patch_size": ps, "patch_size_level0": ps0, "overlap": attrs["overlap"], "name": name,
                "level0_magnification": _magnification(level0_mpp), "target_magnification": _magnification(target_mpp),
                "level0_mpp": level0_mpp, "target_mpp": target_mpp}
-    with atomic_path(out_h5, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+    with _stopping(batches), atomic_path(out_h5, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(attrs)
         f.create_dataset("coords", data=coords).attrs.update(trident)
         feats = f.create_dataset("features", shape=(0, enc.dim), maxshape=(None, enc.dim), dtype="float32",
@@ -363,10 +382,6 @@ def _complete(out_h5: Path, tiles_h5: Path, enc: Encoder) -> int | None:
         pass  # tiles gone: the features stand on their own
     return n
 
-def _one_line(e: Exception) -> str:
-    msg = (str(e).strip().splitlines() or [""])[0]
-    return msg if isinstance(e, WsiStudyError) else f"{type(e).__name__}: {msg}"
-
 _ENCODERS: dict = {}  # one encoder per process (the kernel, or each Dask worker), loaded on first use
 
 def cached_encoder(name: str, weights=None, device="auto") -> Encoder:
@@ -397,7 +412,7 @@ def embed_job(row: dict,  # one manifest row: slide_id, path, mpp
                           mpp=mpp, progress=progress, reader=reader)
         return {**base, **{k: res[k] for k in ("n_patches", "seconds", "patches_per_s")}, "status": "ok"}
     except Exception as e:  # one bad slide never stops the cohort; KeyboardInterrupt still does
-        return {**base, "status": "failed", "error": f"slide {sid}: {_one_line(e)}"}
+        return {**base, "status": "failed", "error": f"slide {sid}: {one_line(e)}"}
 
 def enc_device(enc: Encoder) -> torch.device:
     "The device an encoder's weights live on."

@@ -14,7 +14,8 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .core import SlideError, WsiStudyError, atomic_path, clean_stale_temps, get_logger, record_failures
+from .core import (SlideError, WsiStudyError, atomic_path, clean_stale_temps, get_logger, one_line,
+                            record_failures)
 from .slides import open_slide, quiet_readers, slide_mpp
 
 # %% auto #0
@@ -155,7 +156,11 @@ def tile_job(row: dict, out: str, params: dict, allow_upsample: bool = False) ->
         return {**tile_slide(row["path"], out, row["slide_id"], mpp=row.get("mpp"), allow_upsample=allow_upsample,
                              **params), "status": "ok", "error": ""}
     except WsiStudyError as e:
-        return {"slide_id": row["slide_id"], "status": "failed", "error": str(e)}
+        return {"slide_id": row["slide_id"], "status": "failed", "error": one_line(e)}
+    except Exception as e:  # a reader's own error (a damaged tile, a truncated file): one bad slide never stops the cohort
+        return {"slide_id": row["slide_id"], "status": "failed",
+                "error": f"{row['path']}: reading it failed while tiling ({one_line(e)}); if the file is damaged, copy "
+                         "or export it again"}
 
 def tile_cohort(manifest,  # a validated manifest DataFrame or a path to the CSV
                 out,  # tiles folder

@@ -71,6 +71,7 @@ def test_only_and_bad_configs(tmp_path, tiny_cohort):
     bad = {
         ("--only", "nope"): "no study named nope",
         ("--cohort", "absent"): "config file not found",
+        ("--seed", "-1"): "--seed must be a whole number of at least 0",
     }
     for extra, msg in bad.items():
         args = ["run", cfg / "study.yaml", "--out", tmp_path / "r2", *extra]

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['COHORT_KEYS', 'DEMO_KEYS', 'WsiStudyError', 'ConfigError', 'SlideError', 'ManifestError', 'StudyError',
+__all__ = ['COHORT_KEYS', 'DEMO_KEYS', 'WsiStudyError', 'ConfigError', 'SlideError', 'ManifestError', 'StudyError', 'check_seed',
            'seed_everything', 'atomic_path', 'write_text', 'write_json', 'clean_stale_temps', 'record_failures',
            'one_line', 'flatten_metrics', 'write_metrics', 'read_yaml', 'load_cohort', 'project_root', 'get_logger']
 
@@ -47,10 +47,17 @@ class StudyError(WsiStudyError):
     exit_code = 1
 
 # %% ../nbs/00_core.ipynb #b7dbc3e4
+def check_seed(seed, name: str = "seed") -> int:
+    "A seed as an int, or a `WsiStudyError` saying what a seed must be (numpy refuses negative ones with a traceback)."
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise WsiStudyError(f"{name} must be a whole number of at least 0, got {seed!r}")
+    return int(seed)
+
 def seed_everything(seed: int = 0,  # the one seed a study is run with
                     deterministic: bool = True,  # ask torch for deterministic kernels too
                    ) -> np.random.Generator:
     "Seed python, numpy and torch (when installed) so a run repeats; returns a numpy Generator from the same seed."
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     os.environ["PYTHONHASHSEED"] = str(seed)

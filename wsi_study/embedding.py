@@ -435,6 +435,10 @@ def embed_cohort(manifest,  # a validated manifest DataFrame, or the path of a m
     if not isinstance(manifest, pd.DataFrame):
         from wsi_study.manifest import validate_manifest
         manifest = validate_manifest(manifest, open_slides=False)
+    if not (isinstance(batch_size, int) and batch_size >= 1):  # settings every slide shares fail once, up front
+        raise WsiStudyError(f"--batch-size must be a whole number of patches of at least 1, got {batch_size!r}")
+    if not (isinstance(workers, int) and workers >= 0):
+        raise WsiStudyError(f"--workers must be a whole number of reader processes of at least 0, got {workers!r}")
     enc = cached_encoder(encoder_name, weights, device)  # fails here, before any slide, if the encoder is unavailable
     out_dir, tiles_dir = Path(out_dir), Path(tiles_dir)
     items = [{"slide_id": str(r.slide_id), "path": str(r.path), "mpp": getattr(r, "mpp", None)}

@@ -18,7 +18,7 @@ import pandas as pd
 import psutil
 from tqdm.auto import tqdm
 
-from .core import ConfigError, StudyError, get_logger, load_cohort, read_yaml, write_json, atomic_path
+from .core import ConfigError, StudyError, atomic_path, check_seed, get_logger, load_cohort, read_yaml, write_json
 
 # %% auto #0
 __all__ = ['PACKAGES', 'load_studies', 'provenance', 'PeakMemory', 'run_study', 'run_studies']
@@ -134,6 +134,7 @@ def run_studies(study_config,  # path to configs/study.yaml
                 progress: bool = True,
                ) -> dict[str, dict]:
     "Run the studies for each cohort; writes run.json and summary.csv per cohort; raises `StudyError` if any failed."
+    check_seed(seed, "--seed")  # before any study starts, not as a failure inside every notebook
     study_config = Path(study_config).resolve()
     studies = load_studies(study_config)
     if only:

@@ -78,6 +78,7 @@ def tile_params(target_mpp: float, patch_size: int, overlap: int = 0, min_tissue
     if not 0 <= overlap < patch_size: raise WsiStudyError(f"--overlap must be in [0, patch size), got {overlap}")
     if not 0 <= min_tissue <= 1: raise WsiStudyError(f"--min-tissue must be a fraction in [0, 1], got {min_tissue}")
     if masker not in MASKERS: raise WsiStudyError(f"--masker must be one of {', '.join(MASKERS)}, got {masker!r}")
+    if not mask_mpp > 0: raise WsiStudyError(f"--mask-mpp must be a positive number of µm/px, got {mask_mpp}")
     return dict(target_mpp=float(target_mpp), patch_size=int(patch_size), overlap=int(overlap),
                 min_tissue=float(min_tissue), masker=masker, mask_mpp=float(mask_mpp))
 

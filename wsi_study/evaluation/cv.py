@@ -74,6 +74,9 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
                             f"and members >= 2 (got task={task!r}, members={hp['members']})")
     if hp["stop_on"] not in ("task", "total"):
         raise WsiStudyError(f"stop_on must be 'task' or 'total', got {hp['stop_on']!r}")
+    for k in ("epochs", "batch_size"):  # 0 epochs would report an untrained model's metrics as if it had learned
+        if isinstance(hp[k], bool) or not isinstance(hp[k], (int, np.integer)) or hp[k] < 1:
+            raise WsiStudyError(f"{k} must be a whole number of at least 1, got {hp[k]!r}")
     return hp
 
 def _kwargs(fn, hp: dict) -> dict:

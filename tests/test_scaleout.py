@@ -65,11 +65,30 @@ def test_killed_worker_slides_retried(cluster, tiny_cohort, tmp_path):
         coords, attrs = read_tiles(out / f"{sid}.h5")
         assert attrs["patch_size"] == 128 and len(coords) > 0
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
-    # the surviving worker also embeds the cohort as per-slide jobs
+    # the surviving worker also embeds the cohort as per-slide jobs, each with its own reader processes
     feats = tmp_path / "features"
     res = subprocess.run([CLI, "-q", "embed", str(tiny_cohort), "--tiles", str(out), "--out", str(feats), "--encoder",
-                          "random:mobilenetv3_small_050", "--batch-size", "16", "--scheduler", str(cluster)],
-                         capture_output=True, text=True, timeout=300)
+                          "random:mobilenetv3_small_050", "--batch-size", "16", "--workers", "2",
+                          "--scheduler", str(cluster)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     from wsi_study.embedding import feature_path
     assert all(feature_path(feats, "random:mobilenetv3_small_050", sid).is_file() for sid in manifest.slide_id)
+
+
+def test_local_cluster_jobs_start_reader_processes(tiny_cohort, tmp_path):
+    """`embed --workers 2` on the default local cluster (reader processes inside each Dask worker, whose processes are
+    not daemonic: nbs/07_scaleout.ipynb) completes every slide with the same features as reading in process."""
+    import h5py
+    import numpy as np
+    from wsi_study.embedding import feature_path
+    tiles, enc = tmp_path / "tiles", "random:mobilenetv3_small_050"
+    assert subprocess.run([CLI, "-q", "tile", str(tiny_cohort), "--out", str(tiles), "--patch-size", "128",
+                           "--scheduler", "none"], capture_output=True, timeout=300).returncode == 0
+    runs = {"local": ["--scheduler", "local", "--dask-workers", "1", "--workers", "2"], "none": ["--scheduler", "none"]}
+    for name, extra in runs.items():
+        res = subprocess.run([CLI, "-q", "embed", str(tiny_cohort), "--tiles", str(tiles), "--out", str(tmp_path / name),
+                              "--encoder", enc, "--batch-size", "16", *extra], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and "daemonic" not in res.stderr, res.stderr[-3000:]
+    for sid in pd.read_csv(tiny_cohort).slide_id:
+        a, b = (h5py.File(feature_path(tmp_path / n, enc, sid), "r")["features"][:] for n in runs)
+        assert len(a) > 0 and np.allclose(a, b, atol=1e-5), sid

@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
+import multiprocessing
 import os
 import queue
 import threading
@@ -392,6 +394,13 @@ def cached_encoder(name: str, weights=None, device="auto") -> Encoder:
         _ENCODERS[key] = load_encoder(name, weights, device=device)
     return _ENCODERS[key]
 
+@functools.cache
+def _warn_daemonic():
+    "Once per process: why this Dask worker reads patches itself."
+    _log.warning("this process is daemonic (a Dask worker under a nanny, or a process pool's worker) and cannot start "
+                 "reader processes: reading patches in it instead; for --workers on Dask, start the workers with "
+                 "`dask worker --no-nanny` or DASK_DISTRIBUTED__WORKER__DAEMON=False")
+
 def embed_job(row: dict,  # one manifest row: slide_id, path, mpp
               tiles_dir: str, out_dir: str, encoder_name: str, weights=None, batch_size: int = 64,
               workers: int = 0, device="auto", progress: bool = False, reader: str = "auto") -> dict:
@@ -405,6 +414,9 @@ def embed_job(row: dict,  # one manifest row: slide_id, path, mpp
     done = _complete(out, tiles, enc)
     if done is not None:
         return {**base, "n_patches": done, "status": "skipped"}
+    if workers and multiprocessing.current_process().daemon:  # a Dask worker under a nanny (`dask worker`'s default)
+        _warn_daemonic()
+        workers = 0
     if out.exists():
         _log.warning(f"slide {sid}: {out} was made with other weights or other tiles; embedding it again")
     try:

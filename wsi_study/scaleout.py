@@ -23,11 +23,15 @@ def dask_client(scheduler: str = "local",  # "local", tcp://host:port, or a sche
                 timeout: float = 20,  # seconds to wait for a remote scheduler
                ):
     "A `distributed.Client` for `scheduler`; raises `WsiStudyError` when a remote scheduler cannot be reached."
+    import dask
     from distributed import Client, LocalCluster
     if scheduler == "local":
         n = workers or os.cpu_count() or 1
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR)
+        # not daemonic, so a job can start the DataLoader reader processes of `embed --workers`; the nanny still stops
+        # the worker processes when the cluster closes
+        with dask.config.set({"distributed.worker.daemon": False}):
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   silence_logs=logging.ERROR)
         return Client(cluster, set_as_default=False)
     try:
         if scheduler.endswith(".json"):

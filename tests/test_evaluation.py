@@ -238,7 +238,8 @@ def test_cli_train_writes_the_contract_and_bad_input_exits_2(cohort, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and "nowhere" in r.stderr, r.stderr
     for bad, msg in ((["--epochs", "0"], "epochs must be a whole number of at least 1"),
-                     (["--seed", "-1"], "seed must be a whole number of at least 0")):
+                     (["--seed", "-1"], "seed must be a whole number of at least 0"),
+                     (["--device", "tpu"], "is not a device name")):
         r = subprocess.run(exe + ["--model", "abmil", "--task", "stage", "--out", str(tmp_path / "bad2"), *bad],
                            capture_output=True, text=True)
         assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr, r.stderr

@@ -172,10 +172,21 @@ class PatchDataset(Dataset):
 _log = get_logger("wsi_study.embedding")
 
 def resolve_device(device="auto") -> torch.device:
-    "`auto` → the first GPU when there is one, else the CPU."
+    "`auto` → the first GPU when there is one, else the CPU; a device this machine lacks is a `WsiStudyError`."
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise WsiStudyError(f"--device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WsiStudyError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise WsiStudyError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise WsiStudyError(f"--device {device}: torch sees no Apple GPU on this machine; use --device cpu (or auto)")
+    return dev
 
 def _level0_mpp(attrs: dict, mpp, slide_path, tiles_h5) -> float:
     "The tiles' level-0 µm/px, checked against the manifest's; slide metadata only when the tiles file lacks it."

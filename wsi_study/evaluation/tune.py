@@ -248,6 +248,11 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     targets = [parse_target(t) for t in targets]
     read = {name: _repeat_runs(f) for name, f in folders.items()}
     runs, roots = {n: r[0] for n, r in read.items()}, {n: r[1] for n, r in read.items()}
+    for metric, _, _ in targets:  # a metric some models lack (localisation, for mean-pool) counts as NA; none: a typo
+        if not any(metric in r for r in runs.values()):
+            known = sorted({c for r in runs.values() for c in r.select_dtypes("number").columns})
+            raise WsiStudyError(f"target metric {metric!r} is in none of the folders' sweep.csv; they have "
+                                f"{', '.join(known[:15])}{' ...' if len(known) > 15 else ''}")
     heads = {name: next((k for k in HEADLINE.values() if k in r and r[k].notna().any()), None) for name, r in runs.items()}
     key = heads[reference]
     for name, k in heads.items():

@@ -94,3 +94,22 @@ def test_project_configs_are_valid():
     assert [s["name"] for s in load_studies(ROOT / "configs" / "study.yaml")][0] == "00_cohort_qc"
     demo = load_cohort("demo", configs_dir=ROOT / "configs")
     assert demo["manifest"].endswith("data/demo/manifest.csv") and demo["demo"]["patients"] == 40
+
+
+def test_unlabelled_cohort_runs_and_skips_the_model_studies(tmp_path):
+    """The project's study config on a cohort of real slides without stage or follow-up (the manifest has an mpp
+    column): QC, tiling and embedding run; the three model studies are recorded as skipped, and the run exits 0."""
+    cmu = ROOT / "data" / "wsi" / "cmu_small_region.svs"
+    (tmp_path / "m.csv").write_text(f"slide_id,patient_id,path,mpp\na,p1,{cmu},\nb,p2,{cmu},0.499\n")
+    (tmp_path / "real.yaml").write_text(f"name: real\nmanifest: {tmp_path / 'm.csv'}\nparams: {{}}\n")
+    res = run_cli("-q", "run", ROOT / "configs" / "study.yaml", "--cohort", tmp_path / "real.yaml", "--out", tmp_path / "r")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = json.loads((tmp_path / "r" / "real" / "run.json").read_text())
+    status = {s["name"]: s["status"] for s in run["studies"]}
+    assert status == {"00_cohort_qc": "ok", "10_tiling": "ok", "20_embedding": "ok", "30_deepattnmisl_survival": "skipped",
+                      "31_stage": "skipped", "32_mil_baselines": "skipped"}, status
+    assert "no patient has survival_months and event" in res.stderr
+    assert (tmp_path / "r" / "real" / "00_cohort_qc" / "figures" / "thumbnails.png").is_file()
+    assert not (tmp_path / "r" / "real" / "00_cohort_qc" / "figures" / "stage_followup.png").exists()
+    summary = pd.read_csv(tmp_path / "r" / "real" / "summary.csv")
+    assert set(summary.study) == {"00_cohort_qc", "10_tiling", "20_embedding"}

@@ -20,9 +20,10 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['COHORT_KEYS', 'DEMO_KEYS', 'WsiStudyError', 'ConfigError', 'SlideError', 'ManifestError', 'StudyError', 'check_seed',
-           'seed_everything', 'atomic_path', 'write_text', 'write_json', 'clean_stale_temps', 'record_failures',
-           'one_line', 'flatten_metrics', 'write_metrics', 'read_yaml', 'load_cohort', 'project_root', 'get_logger']
+__all__ = ['COHORT_KEYS', 'DEMO_KEYS', 'WsiStudyError', 'ConfigError', 'SlideError', 'ManifestError', 'StudySkipped',
+           'StudyError', 'check_seed', 'seed_everything', 'atomic_path', 'write_text', 'write_json',
+           'clean_stale_temps', 'record_failures', 'one_line', 'flatten_metrics', 'write_metrics', 'read_yaml',
+           'load_cohort', 'project_root', 'get_logger']
 
 # %% ../nbs/00_core.ipynb #17861b7d
 class WsiStudyError(Exception):
@@ -41,6 +42,9 @@ class ManifestError(WsiStudyError):
         self.path, self.problems = Path(path), list(problems)
         n = len(self.problems)
         super().__init__(f"{self.path}: {n} problem{'s' if n != 1 else ''}\n" + "\n".join(self.problems))
+
+class StudySkipped(Exception):
+    "Raised by a study notebook that has nothing to do for a cohort (no survival labels, say): skipped, not failed."
 
 class StudyError(WsiStudyError):
     "One or more study notebooks failed; the message points at the executed notebooks."

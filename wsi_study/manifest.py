@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .core import ManifestError, SlideError
 
 # %% auto #0
-__all__ = ['REQUIRED', 'OPTIONAL', 'STAGES', 'PATIENT_LEVEL', 'read_manifest', 'check_rows', 'validate_manifest']
+__all__ = ['REQUIRED', 'OPTIONAL', 'STAGES', 'PATIENT_LEVEL', 'read_manifest', 'check_rows', 'validate_manifest', 'label_tasks']
 
 # %% ../nbs/01_manifest.ipynb #94e02e7f
 REQUIRED = ("slide_id", "patient_id", "path")
@@ -117,3 +117,11 @@ def validate_manifest(path,  # the manifest CSV
     if problems:
         raise ManifestError(path, problems)
     return out
+
+#| export
+def label_tasks(manifest) -> list[str]:
+    """The tasks a manifest (a path or a validated DataFrame) has labels for: `survival` when some row has
+    survival_months and event, `stage` when some row has a stage. The study notebooks skip what is not there."""
+    m = manifest if isinstance(manifest, pd.DataFrame) else validate_manifest(manifest, open_slides=False)
+    need = {"survival": ["survival_months", "event"], "stage": ["stage"]}
+    return [t for t, cols in need.items() if set(cols) <= set(m) and m[cols].notna().all(axis=1).any()]

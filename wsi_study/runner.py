@@ -104,8 +104,9 @@ def run_study(study: dict,  # one entry of `load_studies`
             pm.execute_notebook(str(study["notebook"]), str(executed), parameters=params, kernel_name="python3", language="python",
                                 cwd=str(out_dir), progress_bar=False, log_output=False)
             rec.update(status="ok", error="")
-        except pm.PapermillExecutionError as e:
-            rec.update(status="failed", error=f"{e.ename}: {e.evalue}".strip())
+        except pm.PapermillExecutionError as e:  # a notebook that raised StudySkipped had nothing to do: not a failure
+            skipped = e.ename == "StudySkipped"
+            rec.update(status="skipped" if skipped else "failed", error=e.evalue if skipped else f"{e.ename}: {e.evalue}".strip())
         except Exception as e:  # a kernel that dies or a notebook papermill cannot read: report it, keep going
             rec.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
     rec.update(wall_s=round(time.perf_counter() - t0, 2), peak_mem_mb=mem.peak_mb)
@@ -159,7 +160,9 @@ def run_studies(study_config,  # path to configs/study.yaml
             rec = run_study(study, params, sdir)
             run["studies"].append(rec)
             summary += _collect_metrics(name, rec, sdir)
-            if rec["status"] != "ok":
+            if rec["status"] == "skipped":
+                get_logger().warning(f"study '{study['name']}' skipped on cohort '{name}': {rec['error']}")
+            elif rec["status"] != "ok":
                 failures.append(f"study '{study['name']}' failed on cohort '{name}' ({rec['error']}); see {rec['output']}")
             write_json(cdir / "run.json", run)
             with atomic_path(cdir / "summary.csv", suffix=".csv") as tmp:

@@ -51,6 +51,32 @@ def test_mil_studies_end_to_end(tmp_path):
     assert {"30_deepattnmisl_survival", "31_stage", "32_mil_baselines"} <= set(summary.study)
 
 
+def test_survival_only_cohort(tmp_path):
+    """A manifest with follow-up but no stage: the stage study is skipped, 32 compares the survival models and leaves
+    out the stage-alone reference, which has no stage to use."""
+    man = write_synthetic_cohort(tmp_path / "cohort", synthetic_bags(24, dim=16, seed=2))
+    pd.read_csv(man).drop(columns=["stage"]).to_csv(man, index=False)
+    out = tmp_path / "results"
+    feats = out / "small" / "features" / "0.5mpp_224px_0px" / "efficientnet_lite0"
+    feats.parent.mkdir(parents=True)
+    shutil.move(tmp_path / "cohort" / "features", feats)
+    cfg = tmp_path / "configs"
+    (cfg / "cohorts").mkdir(parents=True)
+    (cfg / "cohorts" / "small.yaml").write_text(f"name: small\nmanifest: {man}\n")
+    quick = "folds: 3, epochs: 4, n_boot: 20, members: 2"
+    (cfg / "study.yaml").write_text(
+        "studies:\n"
+        f"  - {{name: 31_stage, notebook: {STUDIES / '31_stage.ipynb'}, params: {{{quick}, k: 4}}}}\n"
+        f"  - {{name: 32_mil_baselines, notebook: {STUDIES / '32_mil_baselines.ipynb'}, "
+        f"params: {{{quick}, models: [meanpool, stage_cox]}}}}\n")
+    res = run_cli("-q", "run", cfg / "study.yaml", "--cohort", "small", "--out", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = json.loads((out / "small" / "run.json").read_text())
+    assert [s["status"] for s in run["studies"]] == ["skipped", "ok"]
+    table = pd.read_csv(out / "small" / "32_mil_baselines" / "tables" / "model_comparison.csv")
+    assert set(zip(table.task, table.model)) == {("survival", "meanpool")}
+
+
 def test_mil_study_without_features_says_what_to_run(tmp_path):
     """A MIL study run before the embedding study fails with the study to run, not a traceback from deep inside."""
     man = write_synthetic_cohort(tmp_path / "cohort", synthetic_bags(8, dim=4))

@@ -11,9 +11,11 @@ from wsi_study.models.bags import synthetic_bags
 STUDIES = ROOT / "nbs" / "studies"
 
 
-def test_mil_studies_end_to_end(tmp_path):
-    """Shared splits, DeepAttnMISL and baselines on the same folds, the comparison table and figure, metrics."""
+def small_cohort(tmp_path, drop=()):
+    """24 synthetic patients' feature files where the embedding study would put them, and a cohort config `small`
+    (its manifest without the columns in `drop`); returns the results root and the configs folder."""
     man = write_synthetic_cohort(tmp_path / "cohort", synthetic_bags(24, dim=16, seed=2))
+    pd.read_csv(man).drop(columns=list(drop)).to_csv(man, index=False)
     out = tmp_path / "results"
     feats = out / "small" / "features" / "0.5mpp_224px_0px" / "efficientnet_lite0"
     feats.parent.mkdir(parents=True)
@@ -21,17 +23,25 @@ def test_mil_studies_end_to_end(tmp_path):
     cfg = tmp_path / "configs"
     (cfg / "cohorts").mkdir(parents=True)
     (cfg / "cohorts" / "small.yaml").write_text(f"name: small\nmanifest: {man}\n")
-    quick = "folds: 3, epochs: 6, n_boot: 50, members: 2"
-    (cfg / "study.yaml").write_text(
-        "studies:\n"
-        f"  - {{name: 30_deepattnmisl_survival, notebook: {STUDIES / '30_deepattnmisl_survival.ipynb'}, params: {{{quick}, k: 4}}}}\n"
-        f"  - {{name: 31_stage, notebook: {STUDIES / '31_stage.ipynb'}, params: {{{quick}, k: 4}}}}\n"
-        f"  - {{name: 32_mil_baselines, notebook: {STUDIES / '32_mil_baselines.ipynb'}, "
-        f"params: {{{quick}, models: [abmil, meanpool]}}}}\n")
+    return out, cfg
+
+
+def run_small(out, cfg, studies: dict) -> list[str]:
+    "Run the study notebooks `studies` (name → their params) on the cohort `small`; each study's status in run.json."
+    (cfg / "study.yaml").write_text("studies:\n" + "".join(
+        f"  - {{name: {n}, notebook: {STUDIES / (n + '.ipynb')}, params: {{{p}}}}}\n" for n, p in studies.items()))
     res = run_cli("-q", "run", cfg / "study.yaml", "--cohort", "small", "--out", out)
     assert res.returncode == 0, res.stderr[-3000:]
-    run = json.loads((out / "small" / "run.json").read_text())
-    assert [s["status"] for s in run["studies"]] == ["ok", "ok", "ok"]
+    return [s["status"] for s in json.loads((out / "small" / "run.json").read_text())["studies"]]
+
+
+def test_mil_studies_end_to_end(tmp_path):
+    """Shared splits, DeepAttnMISL and baselines on the same folds, the comparison table and figure, metrics."""
+    out, cfg = small_cohort(tmp_path)
+    quick = "folds: 3, epochs: 6, n_boot: 50, members: 2"
+    status = run_small(out, cfg, {"30_deepattnmisl_survival": f"{quick}, k: 4", "31_stage": f"{quick}, k: 4",
+                                  "32_mil_baselines": f"{quick}, models: [abmil, meanpool]"})
+    assert status == ["ok", "ok", "ok"]
     base = out / "small" / "32_mil_baselines"
     table = pd.read_csv(base / "tables" / "model_comparison.csv")
     assert set(zip(table.task, table.model)) == {(t, m) for t in ("survival", "stage") for m in ("DeepAttnMISL", "abmil", "meanpool")}
@@ -54,25 +64,10 @@ def test_mil_studies_end_to_end(tmp_path):
 def test_survival_only_cohort(tmp_path):
     """A manifest with follow-up but no stage: the stage study is skipped, 32 compares the survival models and leaves
     out the stage-alone reference, which has no stage to use."""
-    man = write_synthetic_cohort(tmp_path / "cohort", synthetic_bags(24, dim=16, seed=2))
-    pd.read_csv(man).drop(columns=["stage"]).to_csv(man, index=False)
-    out = tmp_path / "results"
-    feats = out / "small" / "features" / "0.5mpp_224px_0px" / "efficientnet_lite0"
-    feats.parent.mkdir(parents=True)
-    shutil.move(tmp_path / "cohort" / "features", feats)
-    cfg = tmp_path / "configs"
-    (cfg / "cohorts").mkdir(parents=True)
-    (cfg / "cohorts" / "small.yaml").write_text(f"name: small\nmanifest: {man}\n")
+    out, cfg = small_cohort(tmp_path, drop=["stage"])
     quick = "folds: 3, epochs: 4, n_boot: 20, members: 2"
-    (cfg / "study.yaml").write_text(
-        "studies:\n"
-        f"  - {{name: 31_stage, notebook: {STUDIES / '31_stage.ipynb'}, params: {{{quick}, k: 4}}}}\n"
-        f"  - {{name: 32_mil_baselines, notebook: {STUDIES / '32_mil_baselines.ipynb'}, "
-        f"params: {{{quick}, models: [meanpool, stage_cox]}}}}\n")
-    res = run_cli("-q", "run", cfg / "study.yaml", "--cohort", "small", "--out", out)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = json.loads((out / "small" / "run.json").read_text())
-    assert [s["status"] for s in run["studies"]] == ["skipped", "ok"]
+    status = run_small(out, cfg, {"31_stage": f"{quick}, k: 4", "32_mil_baselines": f"{quick}, models: [meanpool, stage_cox]"})
+    assert status == ["skipped", "ok"]
     table = pd.read_csv(out / "small" / "32_mil_baselines" / "tables" / "model_comparison.csv")
     assert set(zip(table.task, table.model)) == {("survival", "meanpool")}
 

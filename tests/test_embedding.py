@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from conftest import run_cli
 from wsi_study.core import WsiStudyError
 from wsi_study.embedding import embed_cohort, embed_slide, feature_path, PatchDataset
 from wsi_study.encoders import load_encoder, file_sha256
@@ -174,7 +175,6 @@ def damage(path):
 def test_damaged_slide_is_one_failure_line(tmp_path):
     """A slide whose tiles cannot be decoded: tiling and embedding (with reader processes) each record one line naming
     the file, the other slide completes, exit code 2, no traceback."""
-    from conftest import run_cli
     (tmp_path / "damaged.svs").write_bytes(CMU.read_bytes())
     (tmp_path / "m.csv").write_text(f"slide_id,patient_id,path\ndamaged,p1,damaged.svs\ngood,p2,{CMU}\n")
     tiles, feats = tmp_path / "tiles", tmp_path / "features"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .bench import PeakRSS, default_slide, interleave, measurement, median_note, rates
-from .core import WsiStudyError
+from .core import WsiStudyError, one_line
 from .embedding import Normaliser, PatchDataset, embed_slide, resolve_device, stack_patches
 from .encoders import Encoder, load_encoder
 from .slides import open_slide, quiet_readers, slide_mpp
@@ -134,13 +134,13 @@ def bench_embed(out_dir,  # where scratch files go
                 if cuda:  # TIAToolbox torch.compiles on GPUs: warm up on every batch shape it will see
                     warm["tiatoolbox"] = lambda: run_tia(track=False)
             except Exception as e:  # report why TIAToolbox could not be set up instead of stopping the benchmark
-                tia_err = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                tia_err = one_line(e)
         desc = f"bench embed ({model}, {device})"
         try:
             runs = interleave(contenders, rounds, warmup=warm, desc=desc, progress=progress)
         except Exception as e:
             if "tiatoolbox" not in contenders: raise
-            tia_err = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"  # its run failed: go on without
+            tia_err = one_line(e)  # its run failed: go on without
             contenders.pop("tiatoolbox"); warm.pop("tiatoolbox", None); rss.clear()
             runs = interleave(contenders, rounds, warmup=warm, desc=desc, progress=progress)
         fixed = None

@@ -156,6 +156,8 @@ def bench_io(out_dir,  # where scratch files go
                              "patches/s") for w in workers]
         rows += [measurement(f"scaling_w{w}_fd", f"diagnostic: {w} workers / ({w} × 1 worker), by file descriptor",
                              r[f"loader_w{w}_fd"] / (w * r["loader_w1_fd"]), "×") for w in big]
+        rows += [measurement(f"by_name_vs_fd_w{w}", f"diagnostic: our loader, {w} worker{'s' * (w > 1)}: batches by name / "
+                             "by file descriptor", r[f"loader_w{w}"] / r[f"loader_w{w}_fd"], "×") for w in workers]
         rows.append(measurement("loader_w0_openslide_per_s", "diagnostic: our loader in process, reading through "
                                 "OpenSlide instead of tifffile tiles", r["loader_w0_openslide"], "patches/s"))
         rows += [measurement("raw_openslide_cold_per_s", "diagnostic: raw OpenSlide, fresh handle each run (every "

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import math
+import numbers
 import os
 import random
 import sys
@@ -21,7 +22,7 @@ import yaml
 
 # %% auto #0
 __all__ = ['COHORT_KEYS', 'DEMO_KEYS', 'WsiStudyError', 'ConfigError', 'SlideError', 'ManifestError', 'StudySkipped',
-           'StudyError', 'check_seed', 'seed_everything', 'atomic_path', 'write_text', 'write_json',
+           'StudyError', 'whole_number', 'seed_everything', 'atomic_path', 'write_text', 'write_json',
            'clean_stale_temps', 'record_failures', 'one_line', 'flatten_metrics', 'write_metrics', 'read_yaml',
            'load_cohort', 'project_root', 'get_logger']
 
@@ -51,17 +52,20 @@ class StudyError(WsiStudyError):
     exit_code = 1
 
 # %% ../nbs/00_core.ipynb #b7dbc3e4
-def check_seed(seed, name: str = "seed") -> int:
-    "A seed as an int, or a `WsiStudyError` saying what a seed must be (numpy refuses negative ones with a traceback)."
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise WsiStudyError(f"{name} must be a whole number of at least 0, got {seed!r}")
-    return int(seed)
+def whole_number(value, name: str,  # the value and the setting's name as the user wrote it (`--seed`, `epochs`)
+                 at_least: int = 0, unit: str = "",  # the smallest allowed value; what it counts (`pixels`)
+                ) -> int:
+    "`value` as an int, or a one-line `WsiStudyError` saying what the setting must be (a seed, a count, a size)."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < at_least:
+        raise WsiStudyError(f"{name} must be a whole number{' of ' + unit if unit else ''} of at least {at_least}, "
+                            f"got {value!r}")
+    return int(value)
 
 def seed_everything(seed: int = 0,  # the one seed a study is run with
                     deterministic: bool = True,  # ask torch for deterministic kernels too
                    ) -> np.random.Generator:
     "Seed python, numpy and torch (when installed) so a run repeats; returns a numpy Generator from the same seed."
-    check_seed(seed)
+    whole_number(seed, "seed")  # numpy refuses a negative seed with a traceback
     random.seed(seed)
     np.random.seed(seed % 2**32)
     os.environ["PYTHONHASHSEED"] = str(seed)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .core import (SlideError, WsiStudyError, atomic_path, clean_stale_temps, get_logger, one_line,
-                            record_failures)
+                            record_failures, whole_number)
 from .encoders import Encoder, encoder_slug, load_encoder
 from .slides import open_slide, quiet_readers, slide_mpp
 from .tiffread import TiffTiles
@@ -294,6 +294,20 @@ def _stopping(batches):
         if hasattr(batches, "_shutdown_workers"): batches._shutdown_workers()  # torch's readers (its own __del__ calls this)
         elif hasattr(batches, "close"): batches.close()  # the `prefetch` thread
 
+@functools.cache
+def _warn_daemonic():
+    "Once per process: why it reads patches itself."
+    _log.warning("this process is daemonic (a Dask worker under a nanny, or a process pool's worker) and cannot start "
+                 "reader processes: reading patches in it instead; for --workers on Dask, start the workers with "
+                 "`dask worker --no-nanny` or DASK_DISTRIBUTED__WORKER__DAEMON=False")
+
+def _usable_readers(workers: int) -> int:
+    "The reader processes this process can start: none in a daemonic one, which reads patches itself (and says so)."
+    if workers and multiprocessing.current_process().daemon:
+        _warn_daemonic()
+        return 0
+    return workers
+
 def patch_loader(ds: Dataset,  # a `PatchDataset`
                  batch_size: int,  # patches per batch
                  workers: int = 0,  # reader processes (0: read in this process)
@@ -319,6 +333,7 @@ def embed_slide(slide_path,  # the slide file
     "Embed every patch of one slide into `out_h5` (atomically); returns n_patches, seconds and patches_per_s."
     device = resolve_device(device)
     enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder, device=device)
+    workers = _usable_readers(workers)  # a Dask worker under a nanny cannot start reader processes
     out_h5, t0 = Path(out_h5), time.perf_counter()
     coords, tattrs = read_tiles(tiles_h5)
     ps, ps0 = int(tattrs["patch_size"]), int(tattrs["patch_size_level0"])
@@ -405,13 +420,6 @@ def cached_encoder(name: str, weights=None, device="auto") -> Encoder:
         _ENCODERS[key] = load_encoder(name, weights, device=device)
     return _ENCODERS[key]
 
-@functools.cache
-def _warn_daemonic():
-    "Once per process: why this Dask worker reads patches itself."
-    _log.warning("this process is daemonic (a Dask worker under a nanny, or a process pool's worker) and cannot start "
-                 "reader processes: reading patches in it instead; for --workers on Dask, start the workers with "
-                 "`dask worker --no-nanny` or DASK_DISTRIBUTED__WORKER__DAEMON=False")
-
 def embed_job(row: dict,  # one manifest row: slide_id, path, mpp
               tiles_dir: str, out_dir: str, encoder_name: str, weights=None, batch_size: int = 64,
               workers: int = 0, device="auto", progress: bool = False, reader: str = "auto") -> dict:
@@ -425,9 +433,6 @@ def embed_job(row: dict,  # one manifest row: slide_id, path, mpp
     done = _complete(out, tiles, enc)
     if done is not None:
         return {**base, "n_patches": done, "status": "skipped"}
-    if workers and multiprocessing.current_process().daemon:  # a Dask worker under a nanny (`dask worker`'s default)
-        _warn_daemonic()
-        workers = 0
     if out.exists():
         _log.warning(f"slide {sid}: {out} was made with other weights or other tiles; embedding it again")
     try:
@@ -458,10 +463,8 @@ def embed_cohort(manifest,  # a validated manifest DataFrame, or the path of a m
     if not isinstance(manifest, pd.DataFrame):
         from wsi_study.manifest import validate_manifest
         manifest = validate_manifest(manifest, open_slides=False)
-    if not (isinstance(batch_size, int) and batch_size >= 1):  # settings every slide shares fail once, up front
-        raise WsiStudyError(f"--batch-size must be a whole number of patches of at least 1, got {batch_size!r}")
-    if not (isinstance(workers, int) and workers >= 0):
-        raise WsiStudyError(f"--workers must be a whole number of reader processes of at least 0, got {workers!r}")
+    whole_number(batch_size, "--batch-size", 1, "patches")  # settings every slide shares fail once, up front
+    whole_number(workers, "--workers", 0, "reader processes")
     enc = cached_encoder(encoder_name, weights, device)  # fails here, before any slide, if the encoder is unavailable
     out_dir, tiles_dir = Path(out_dir), Path(tiles_dir)
     items = [{"slide_id": str(r.slide_id), "path": str(r.path), "mpp": getattr(r, "mpp", None)}

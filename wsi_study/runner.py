@@ -18,7 +18,8 @@ import pandas as pd
 import psutil
 from tqdm.auto import tqdm
 
-from .core import ConfigError, StudyError, atomic_path, check_seed, get_logger, load_cohort, read_yaml, write_json
+from .core import (ConfigError, StudyError, atomic_path, get_logger, load_cohort, one_line, read_yaml,
+                            whole_number, write_json)
 
 # %% auto #0
 __all__ = ['PACKAGES', 'load_studies', 'provenance', 'PeakMemory', 'run_study', 'run_studies']
@@ -108,7 +109,7 @@ def run_study(study: dict,  # one entry of `load_studies`
             skipped = e.ename == "StudySkipped"
             rec.update(status="skipped" if skipped else "failed", error=e.evalue if skipped else f"{e.ename}: {e.evalue}".strip())
         except Exception as e:  # a kernel that dies or a notebook papermill cannot read: report it, keep going
-            rec.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+            rec.update(status="failed", error=one_line(e))
     rec.update(wall_s=round(time.perf_counter() - t0, 2), peak_mem_mb=mem.peak_mb)
     return rec
 
@@ -135,7 +136,7 @@ def run_studies(study_config,  # path to configs/study.yaml
                 progress: bool = True,
                ) -> dict[str, dict]:
     "Run the studies for each cohort; writes run.json and summary.csv per cohort; raises `StudyError` if any failed."
-    check_seed(seed, "--seed")  # before any study starts, not as a failure inside every notebook
+    whole_number(seed, "--seed")  # before any study starts, not as a failure inside every notebook
     study_config = Path(study_config).resolve()
     studies = load_studies(study_config)
     if only:

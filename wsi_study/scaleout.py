@@ -12,7 +12,7 @@ import uuid
 
 from tqdm.auto import tqdm
 
-from .core import WsiStudyError
+from .core import WsiStudyError, one_line
 
 # %% auto #0
 __all__ = ['dask_client', 'map_slides']
@@ -65,7 +65,7 @@ def map_slides(fn,  # job: fn(item, **kwargs) -> dict row
             try:
                 rows.append(fut.result())
             except Exception as e:  # a job that raised after its retries, or kept killing workers
-                rows.append({"slide_id": slide_of[fut.key], "status": "failed", "error": f"{type(e).__name__}: {e}"})
+                rows.append({"slide_id": slide_of[fut.key], "status": "failed", "error": one_line(e)})
         return rows
     finally:
         client.close()

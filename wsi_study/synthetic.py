@@ -25,7 +25,7 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-from .core import WsiStudyError, atomic_path, get_logger
+from .core import WsiStudyError, atomic_path, get_logger, whole_number
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_LOG_HAZARD', 'DOWNSAMPLE', 'TILE', 'CELL_UM', 'IMMUNE_DENSITY', 'GLASS', 'STAIN_H', 'STAIN_E',
@@ -458,14 +458,11 @@ def _demo_slide(job):
 
 # %% ../nbs/03_synthetic.ipynb #15a864a5
 def _check_args(patients, size, mpp, seed):
-    if not isinstance(patients, numbers.Integral) or isinstance(patients, bool) or patients < 1:
-        raise WsiStudyError(f"patients must be a whole number of at least 1, got {patients!r}")
-    if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 512:
-        raise WsiStudyError(f"size must be a whole number of pixels of at least 512, got {size!r}")
+    whole_number(patients, "patients", 1)
+    whole_number(size, "size", 512, "pixels")
     if not isinstance(mpp, numbers.Real) or not mpp > 0:
         raise WsiStudyError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
-    if not isinstance(seed, numbers.Integral) or seed < 0:
-        raise WsiStudyError(f"seed must be a whole number of at least 0, got {seed!r}")
+    whole_number(seed, "seed")
 
 def _run(jobs, workers, progress) -> dict:
     "Run `_demo_slide` over jobs, in `workers` forked processes when there is more than one."

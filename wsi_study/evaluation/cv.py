@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core import WsiStudyError, flatten_metrics, get_logger, seed_everything, write_json, write_metrics
+from ..core import (WsiStudyError, flatten_metrics, get_logger, seed_everything, whole_number, write_json,
+                            write_metrics)
 from ..embedding import resolve_device
 from ..manifest import STAGES
 from ..report import km_by_group, save_figure
@@ -74,9 +75,7 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
                             f"and members >= 2 (got task={task!r}, members={hp['members']})")
     if hp["stop_on"] not in ("task", "total"):
         raise WsiStudyError(f"stop_on must be 'task' or 'total', got {hp['stop_on']!r}")
-    for k in ("epochs", "batch_size"):  # 0 epochs would report an untrained model's metrics as if it had learned
-        if isinstance(hp[k], bool) or not isinstance(hp[k], (int, np.integer)) or hp[k] < 1:
-            raise WsiStudyError(f"{k} must be a whole number of at least 1, got {hp[k]!r}")
+    for k in ("epochs", "batch_size"): whole_number(hp[k], k, 1)  # 0 epochs: an untrained model's metrics
     return hp
 
 def _kwargs(fn, hp: dict) -> dict:

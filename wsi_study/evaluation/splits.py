@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import WsiStudyError, atomic_path, get_logger
+from ..core import WsiStudyError, atomic_path, get_logger, whole_number
 
 # %% auto #0
 __all__ = ['ROLES', 'strata', 'make_splits', 'check_splits', 'save_splits', 'load_splits', 'fold_indices']
@@ -31,8 +31,7 @@ def make_splits(labels: pd.DataFrame,  # one row per patient, index patient_id (
                ) -> pd.DataFrame:
     "Patient-level stratified k-fold splits: one row per patient and fold with role train/val/test."
     from sklearn.model_selection import StratifiedKFold, train_test_split
-    if not isinstance(folds, (int, np.integer)) or folds < 2:
-        raise WsiStudyError(f"folds must be a whole number of at least 2, got {folds!r}")
+    whole_number(folds, "folds", 2)
     if folds > len(labels):
         raise WsiStudyError(f"{folds} folds need at least {folds} patients, the cohort has {len(labels)}; use fewer folds")
     pids, y = labels.index.to_numpy(), strata(labels, task)

@@ -280,7 +280,7 @@ def _reader_init(worker_id: int):
     """In each reader process: hand batches over by shared-memory file name, not by file descriptor (torch's default on
     Linux). With descriptors the consuming process fetches every batch's descriptor from a thread in the reader, which
     first has to get the reader's GIL and a CPU, so both wait: on two busy cores two readers delivered 7-19 % more
-    patches by name, with the cores busier (`bench io`'s `busy_w2` against `busy_w2_fd`, measured here). torch's
+    patches by name (`bench io`'s `by_name_vs_fd_w2`, measured here). torch's
     shared-memory manager frees what a killed run leaves behind (tested with SIGKILL in tests/test_embedding.py)."""
     torch.multiprocessing.set_sharing_strategy("file_system")
 

@@ -123,6 +123,21 @@ def _ensure_cohort(cohort: dict, progress: bool = True):
     get_logger().info(f"building demo cohort '{cohort['name']}' in {Path(cohort['manifest']).parent}")
     make_demo_cohort(Path(cohort["manifest"]).parent, progress=progress, **demo)
 
+def _declared(notebook) -> set[str]:
+    "Names the notebook's `parameters` cell declares (parsed by papermill's own Python translator)."
+    import nbformat
+    from papermill.translators import PythonTranslator
+    cells = [c for c in nbformat.read(str(notebook), as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+    return {p.name for p in PythonTranslator.inspect(cells[0])} if cells else set()
+
+def _earlier(cdir: Path, names: list[str]) -> dict[str, dict]:
+    "Records of an earlier run.json in `cdir`, by study, for the studies in `names`."
+    f = cdir / "run.json"
+    if not f.is_file(): return {}
+    try: studies = json.loads(f.read_text()).get("studies", [])
+    except (ValueError, AttributeError): return {}  # an unreadable run.json is replaced, not merged
+    return {r["name"]: r for r in studies if isinstance(r, dict) and r.get("name") in names}
+
 def _collect_metrics(cohort: str, rec: dict, out_dir: Path) -> list[dict]:
     m = out_dir / "metrics.json"
     if rec["status"] != "ok" or not m.is_file(): return []
@@ -138,7 +153,7 @@ def run_studies(study_config,  # path to configs/study.yaml
     "Run the studies for each cohort; writes run.json and summary.csv per cohort; raises `StudyError` if any failed."
     whole_number(seed, "--seed")  # before any study starts, not as a failure inside every notebook
     study_config = Path(study_config).resolve()
-    studies = load_studies(study_config)
+    studies = all_studies = load_studies(study_config)
     if only:
         unknown = sorted(set(only) - {s["name"] for s in studies})
         if unknown:
@@ -152,15 +167,20 @@ def run_studies(study_config,  # path to configs/study.yaml
         _ensure_cohort(cohort, progress)
         run = {"cohort": {k: cohort[k] for k in ("name", "manifest", "config_path", "params")},
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance(study_config.parent), "studies": []}
-        summary = []
+        order = [s["name"] for s in all_studies]  # run.json and summary.csv follow the study config
+        records = {n: r for n, r in _earlier(cdir, order).items() if n not in {s["name"] for s in studies}}
         for study in studies:
             bar.set_postfix_str(f"{name}/{study['name']}")
             sdir = cdir / study["name"]
+            declared = _declared(study["notebook"])
             params = {"cohort": name, "manifest": cohort["manifest"], "out_dir": str(sdir), "seed": seed,
-                      **study["params"], **cohort["params"]}  # a cohort knows its slides best: its params win
+                      **study["params"],  # a cohort knows its slides best: its params win, where the study has them
+                      **{k: v for k, v in cohort["params"].items() if k in declared}}
             rec = run_study(study, params, sdir)
-            run["studies"].append(rec)
-            summary += _collect_metrics(name, rec, sdir)
+            rec.update(git_sha=run["git_sha"], packages=run["packages"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            records[study["name"]] = rec
+            run["studies"] = [records[n] for n in order if n in records]
+            summary = [row for r in run["studies"] for row in _collect_metrics(name, r, cdir / r["name"])]
             if rec["status"] == "skipped":
                 get_logger().warning(f"study '{study['name']}' skipped on cohort '{name}': {rec['error']}")
             elif rec["status"] != "ok":

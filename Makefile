@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test test-fast export clean-results bench tune repeats twins
+.PHONY: install study demo test test-fast export clean-results bench tune repeats twins lock
 
 install: $(STAMP)
 
@@ -16,6 +16,22 @@ $(STAMP): settings.ini setup.py constraints.txt
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip check
 	touch $(STAMP)
+
+# constraints.txt holds the pins pip cannot find alone, then (after the "# --- lock" line) every package at the version
+# the results were measured with, so `make install` gives the same set on any day. `make lock` re-resolves the set
+# from settings.ini and the pins above the line in a scratch venv and rewrites the list; rerun the studies after it.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	sed '/^# --- lock/,$$d' constraints.txt > $(LOCK_VENV)/pins.txt
+	PIP_CONSTRAINT=$(CURDIR)/$(LOCK_VENV)/pins.txt $(LOCK_VENV)/bin/pip install -q --upgrade pip wheel
+	PIP_CONSTRAINT=$(CURDIR)/$(LOCK_VENV)/pins.txt $(LOCK_VENV)/bin/pip install -q -e ".[dev]"
+	$(LOCK_VENV)/bin/pip check
+	{ cat $(LOCK_VENV)/pins.txt; \
+	  echo "# --- lock: every package as \`make lock\` resolved it on $$(date +%Y-%m-%d) (Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -s) $$(uname -m)); made by make lock, not by hand"; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+	rm -rf $(LOCK_VENV)
+	rm -f $(STAMP)
 
 demo: install   ## the demo cohort alone (the runner also builds it when missing)
 	$(BIN)/wsi-study demo-data data/demo

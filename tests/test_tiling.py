@@ -104,3 +104,17 @@ def test_cli_errors_and_resume(tmp_path, shared):
 def test_allow_upsample(tmp_path):
     row = tile_slide(CMU, tmp_path, "up", target_mpp=0.25, patch_size=224, allow_upsample=True)
     assert row["patch_size_level0"] == round(224 * 0.25 / 0.499)
+
+
+def test_fluorescence_slide_masks_the_tissue(tmp_path, shared, capfd):
+    """A real fluorescence slide (Hamamatsu NDPI, DAPI: bright nuclei on a dark background): the mask keeps the bright
+    tissue, not the dark background the bright-field maskers would keep, and a warning names the slide."""
+    from PIL import Image
+    row = tile_slide(shared / "hamamatsu_fluorescence_DAPI.ndpi", tmp_path, "dapi", target_mpp=2.0)
+    err = capfd.readouterr().err
+    assert "slide dapi: its background is dark" in err, err[-2000:]
+    mask = np.asarray(Image.open(tmp_path / "masks" / "dapi.png")) > 0
+    grey = np.asarray(Image.open(tmp_path / "thumbnails" / "dapi.jpg").convert("L").resize(mask.shape[::-1]), float)
+    assert 0.05 < mask.mean() < 0.8, mask.mean()  # the whole frame had come back as "tissue" (0.93)
+    assert grey[mask].mean() > 2 * grey[~mask].mean()  # the kept part is the bright (stained) one
+    assert row["n_patches"] > 0 and read_tiles(tmp_path / "dapi.h5")[1]["dark_background"]

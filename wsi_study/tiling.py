@@ -19,11 +19,21 @@ from .core import (SlideError, WsiStudyError, atomic_path, clean_stale_temps, ge
 from .slides import open_slide, quiet_readers, slide_mpp
 
 # %% auto #0
-__all__ = ['MASKERS', 'tissue_mask', 'grid_coords', 'tissue_fraction', 'tile_params', 'tile_slide', 'read_tiles', 'tile_job',
-           'tile_cohort']
+__all__ = ['MASKERS', 'dark_background', 'tissue_mask', 'grid_coords', 'tissue_fraction', 'tile_params', 'tile_slide',
+           'read_tiles', 'tile_job', 'tile_cohort']
 
 # %% ../nbs/04_tiling.ipynb #6c24d02a
 MASKERS = ("otsu", "morphological")
+
+def dark_background(img: np.ndarray,  # RGB thumbnail, uint8
+                    frame: float = 0.02,  # width of the outer frame read as background, a fraction of the short side
+                    level: float = 64.0,  # median grey below which the background is dark
+                   ) -> bool:
+    "True when the slide's background (the thumbnail's outer frame) is dark: fluorescence or dark-field, not bright-field glass."
+    f = max(1, int(frame * min(img.shape[:2])))
+    grey = img[..., :3].mean(-1)
+    return float(np.median(np.concatenate([grey[:f].ravel(), grey[-f:].ravel(), grey[:, :f].ravel(),
+                                           grey[:, -f:].ravel()]))) < level
 
 def tissue_mask(reader,  # an open WSIReader (mpp set)
                 masker: str = "morphological",  # `otsu` or `morphological`
@@ -36,9 +46,10 @@ def tissue_mask(reader,  # an open WSIReader (mpp set)
         raise WsiStudyError(f"unknown masker {masker!r}; use one of {', '.join(MASKERS)}")
     with quiet_readers():
         img = np.ascontiguousarray(reader.slide_thumbnail(resolution=mask_mpp, units="mpp")[..., :3])
+        seen = 255 - img if dark_background(img) else img  # the maskers take tissue to be darker than its background
         m = OtsuTissueMasker() if masker == "otsu" else MorphologicalMasker(mpp=mask_mpp)
-        mask = m.fit_transform(img[None])[0].astype(bool)
-    grey = img.mean(-1)
+        mask = m.fit_transform(seen[None])[0].astype(bool)
+    grey = seen.mean(-1)
     if not mask.any() or mask.all() or grey[~mask].mean() - grey[mask].mean() < min_contrast:
         mask = np.zeros(mask.shape, bool)
     return img, mask
@@ -102,6 +113,7 @@ def tile_slide(path,  # slide file
                allow_upsample: bool = False,  # allow `target_mpp` finer than level 0
                ) -> dict:
     "Tile one slide; returns its summary row (n_patches, tissue fraction, seconds)."
+    import tiatoolbox.tools.tissuemask  # noqa: F401  (seconds, once per process: not this slide's time)
     t0 = time.perf_counter()
     p = tile_params(target_mpp, patch_size, overlap, min_tissue, masker, mask_mpp)
     out = Path(out)
@@ -119,6 +131,10 @@ def tile_slide(path,  # slide file
     frac = tissue_fraction(mask, coords, size0, scale)
     keep = (frac >= p["min_tissue"]) & (frac > 0)
     coords, frac = coords[keep], frac[keep]
+    dark = dark_background(img)
+    if dark:
+        get_logger().warning(f"slide {slide_id}: its background is dark (a fluorescence or dark-field image?); the tissue "
+                             "mask was taken from the inverted thumbnail, and the encoders expect bright-field H&E")
     if len(coords) == 0:
         get_logger().warning(f"slide {slide_id}: no tissue found ({masker} masker); it gets zero patches")
     with atomic_path(out / f"{slide_id}.h5", suffix=".h5") as tmp:
@@ -128,6 +144,7 @@ def tile_slide(path,  # slide file
             f.attrs.update(patch_size=p["patch_size"], patch_size_level0=size0, target_mpp=p["target_mpp"],
                            level0_mpp=level0_mpp, mpp_source=source, overlap=p["overlap"], min_tissue=p["min_tissue"],
                            masker=masker, mask_mpp=p["mask_mpp"], level_dimensions=(w, h), slide_id=slide_id,
+                           dark_background=dark,
                            slide_path=str(path))
     with atomic_path(out / "masks" / f"{slide_id}.png", suffix=".png") as tmp:
         Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")

@@ -32,8 +32,11 @@ def study_features(cohort_dir,  # the cohort's results folder, e.g. results/demo
     "The folder of `<slide_id>.h5` feature files the embedding study wrote for this encoder and patch geometry."
     d = Path(cohort_dir) / "features" / patch_spec(target_mpp, patch_size, overlap) / encoder_slug(encoder)
     if not d.is_dir() or not any(d.glob("*.h5")):
+        have = sorted(f"{p.parent.name}/{p.name}" for p in (Path(cohort_dir) / "features").glob("*/*") if any(p.glob("*.h5")))
+        hint = (f"; this cohort has features for {', '.join(have)} (patch geometry/encoder): set target_mpp, patch_size, "
+                "overlap and encoder to match, as the cohort's config does (configs/cohorts/<name>.yaml)") if have else ""
         raise WsiStudyError(f"{d}: no feature files; run the 20_embedding study first (wsi-study run configs/study.yaml "
-                            f"--cohort NAME --only 20_embedding) with the same encoder, target_mpp and patch_size")
+                            f"--cohort NAME --only 20_embedding) with the same encoder, target_mpp and patch_size{hint}")
     return d
 
 def shared_splits(cohort_dir, task: str, folds: int = 5, seed: int = 0) -> Path:

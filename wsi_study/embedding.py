@@ -465,6 +465,9 @@ def embed_cohort(manifest,  # a validated manifest DataFrame, or the path of a m
         manifest = validate_manifest(manifest, open_slides=False)
     whole_number(batch_size, "--batch-size", 1, "patches")  # settings every slide shares fail once, up front
     whole_number(workers, "--workers", 0, "reader processes")
+    if scheduler in (None, "local") and not Path(tiles_dir).is_dir():  # a remote cluster may see folders this one does not
+        raise WsiStudyError(f"--tiles {tiles_dir}: folder not found; run `wsi-study tile MANIFEST --out DIR` first and "
+                            "pass its DIR")
     enc = cached_encoder(encoder_name, weights, device)  # fails here, before any slide, if the encoder is unavailable
     out_dir, tiles_dir = Path(out_dir), Path(tiles_dir)
     items = [{"slide_id": str(r.slide_id), "path": str(r.path), "mpp": getattr(r, "mpp", None)}

@@ -86,6 +86,14 @@ class PeakMemory:
     def peak_mb(self) -> float: return round(self.peak / 2**20, 1)
 
 # %% ../nbs/80_runner.ipynb #db4017a8
+def _ipc_kernels():
+    "A kernel manager talking to the kernel over local sockets (files only this user can open) instead of TCP ports."
+    from jupyter_client.manager import AsyncKernelManager
+    class IpcKernelManager(AsyncKernelManager):  # TCP on localhost is open to every user of a shared machine, and
+        def __init__(self, **kw):                # ipykernel warns about it once per study
+            kw.setdefault("transport", "ipc"); super().__init__(**kw)
+    return IpcKernelManager
+
 def run_study(study: dict,  # one entry of `load_studies`
               params: dict,  # parameters injected into the notebook's `parameters` cell
               out_dir: Path,  # results/<cohort>/<study>
@@ -103,7 +111,7 @@ def run_study(study: dict,  # one entry of `load_studies`
     with PeakMemory() as mem:
         try:
             pm.execute_notebook(str(study["notebook"]), str(executed), parameters=params, kernel_name="python3", language="python",
-                                cwd=str(out_dir), progress_bar=False, log_output=False)
+                                cwd=str(out_dir), progress_bar=False, log_output=False, kernel_manager_class=_ipc_kernels())
             rec.update(status="ok", error="")
         except pm.PapermillExecutionError as e:  # a notebook that raised StudySkipped had nothing to do: not a failure
             skipped = e.ename == "StudySkipped"

@@ -64,6 +64,10 @@ def check_rows(df: pd.DataFrame, base: Path) -> tuple[pd.DataFrame, list[str]]:
         elif not full.exists():
             problems.append(f"row {r}, column 'path': file not found: {full}")
     out["path"] = paths
+    for r, sid in zip(rows, df["slide_id"]):  # it names the slide's files: tiles/<slide_id>.h5, features/.../<slide_id>.h5
+        if sid in (".", "..") or any(c in sid for c in "/\\") or any(ord(c) < 32 for c in sid):
+            problems.append(f"row {r}, column 'slide_id': {sid!r} cannot be a file name, and each slide's tiles, features "
+                            "and figures are named by it; leave out '/', '\\' and control characters")
     for sid, grp in df[df.slide_id != ""].groupby("slide_id", sort=False):
         if len(grp) > 1:
             problems.append(f"rows {', '.join(str(i + 2) for i in grp.index)}: duplicate slide_id '{sid}'; slide ids must be unique")

@@ -84,3 +84,20 @@ def test_mil_study_without_features_says_what_to_run(tmp_path):
     assert res.returncode == 1
     executed = (tmp_path / "r" / "small" / "31_stage" / "31_stage.ipynb").read_text()
     assert "run the 20_embedding study first" in executed
+
+
+def test_slide_whose_embedding_failed_is_left_out(tmp_path):
+    """A cohort with one unreadable slide: the embedding study recorded it in failures.csv, and the model studies go on
+    without it (its patient drops out) instead of failing; the executed notebook names it."""
+    out, cfg = small_cohort(tmp_path)
+    feats = out / "small" / "features" / "0.5mpp_224px_0px" / "efficientnet_lite0"
+    (feats / "p003-S1.h5").unlink()
+    (feats.parent / "failures.csv").write_text("slide_id,stage,error\np003-S1,embed,p003.svs: cannot be read\n")
+    quick = "folds: 3, epochs: 3, n_boot: 20, members: 1"
+    assert run_small(out, cfg, {"30_deepattnmisl_survival": f"{quick}, k: 4",
+                                "32_mil_baselines": f"{quick}, models: [meanpool], tasks: [survival]"}) == ["ok", "ok"]
+    m30 = json.loads((out / "small" / "30_deepattnmisl_survival" / "metrics.json").read_text())
+    assert m30["n_patients"] == 23
+    assert "p003" not in set(pd.read_csv(out / "small" / "30_deepattnmisl_survival" / "predictions.csv").patient_id)
+    assert "1 slides left out, their embedding failed" in (out / "small" / "30_deepattnmisl_survival" /
+                                                            "30_deepattnmisl_survival.ipynb").read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -18,8 +19,8 @@ from ..encoders import encoder_slug
 from .metrics import compare_runs
 
 # %% auto #0
-__all__ = ['HEADLINE', 'TRUTH_COX_LABEL', 'patch_spec', 'study_features', 'shared_splits', 'keep_splits', 'compare_models',
-           'forest_plot']
+__all__ = ['HEADLINE', 'TRUTH_COX_LABEL', 'patch_spec', 'study_features', 'shared_splits', 'keep_splits', 'ModelInputs',
+           'model_inputs', 'compare_models', 'forest_plot']
 
 # %% ../../nbs/20_compare.ipynb #c0a1e006
 def patch_spec(target_mpp: float = 0.5, patch_size: int = 224, overlap: int = 0) -> str:
@@ -49,6 +50,31 @@ def keep_splits(run_dir, path) -> Path:
     if not path.is_file():
         with atomic_path(path, ".csv") as tmp: shutil.copyfile(Path(run_dir) / "splits.csv", tmp)
     return path
+
+# %% ../../nbs/20_compare.ipynb #c0a1e0a2
+class ModelInputs(NamedTuple):
+    manifest: object  # the manifest path, or the validated table without the slides left out
+    truth: Path | None  # the demo's ground-truth folder (truth.csv), if the cohort has one
+    left_out: list  # slide ids left out because their embedding failed
+
+def model_inputs(manifest,  # the cohort's manifest CSV
+                 features_dir,  # one encoder's feature folder (`study_features`)
+                ) -> ModelInputs:
+    "What the model studies train on: the manifest without slides whose embedding failed, and the ground truth's folder."
+    from wsi_study.core import get_logger
+    from wsi_study.manifest import validate_manifest
+    manifest, features_dir = Path(manifest), Path(features_dir)
+    truth = manifest.parent if (manifest.parent / "truth.csv").is_file() else None
+    fails = features_dir.parent / "failures.csv"
+    if not fails.is_file(): return ModelInputs(manifest, truth, [])
+    failed = pd.read_csv(fails, dtype=str).query("stage == 'embed'").slide_id
+    m = validate_manifest(manifest, open_slides=False)
+    drop = m.slide_id.astype(str).isin(set(failed)) & ~m.slide_id.map(lambda s: (features_dir / f"{s}.h5").is_file())
+    if not drop.any(): return ModelInputs(manifest, truth, [])
+    ids = m.slide_id[drop].astype(str).tolist()
+    get_logger().warning(f"{len(ids)} slides left out, their embedding failed (see {fails}): "
+                         + ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else ""))
+    return ModelInputs(m[~drop].reset_index(drop=True), truth, ids)
 
 # %% ../../nbs/20_compare.ipynb #c0a1e009
 HEADLINE = {"survival": "cindex", "stage": "auc_macro"}

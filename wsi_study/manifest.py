@@ -26,7 +26,9 @@ def read_manifest(path) -> pd.DataFrame:
     "Read a manifest CSV as strings, raising `ManifestError` if it is missing, unreadable, empty or lacks a column."
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(path, [f"manifest not found: {path}; check the path"])
+        hint = ("; the demo cohorts are generated, not shipped: `make demo` builds data/demo (any other: `wsi-study run "
+                "configs/study.yaml --cohort NAME` builds it first)") if path.parent.name.startswith("demo") else "; check the path"
+        raise ManifestError(path, [f"manifest not found: {path}{hint}"])
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

@@ -108,8 +108,12 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
 def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth, progress, fixed,
              device="auto") -> pd.DataFrame:
     "Run every (combination, seed) of `grid` not yet in `out/sweep.csv` under the same settings; the rows of this grid."
-    model_params(model, task, **{k: v[0] for k, v in grid.items() if v}, **fixed)  # unknown names fail here, before any run
     if any(len(v) == 0 for v in grid.values()): raise WsiStudyError("every --grid entry needs at least one value")
+    model_params(model, task, **fixed)  # unknown names and values of the wrong kind fail here, before any run
+    for k, values in grid.items():
+        for v in values: model_params(model, task, **{**fixed, k: v})
+    twice = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if twice: raise WsiStudyError(f"--seeds: {', '.join(map(str, twice))} given twice; each split seed is one cross-validation")
     out.mkdir(parents=True, exist_ok=True)
     table = out / "sweep.csv"
     runs = pd.read_csv(table, dtype={"settings": str, "data": str, "code": str}) if table.is_file() else pd.DataFrame()  # hashes stay text

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from importlib import metadata
@@ -86,12 +87,15 @@ class PeakMemory:
     def peak_mb(self) -> float: return round(self.peak / 2**20, 1)
 
 # %% ../nbs/80_runner.ipynb #db4017a8
-def _ipc_kernels():
-    "A kernel manager talking to the kernel over local sockets (files only this user can open) instead of TCP ports."
+def _ipc_kernels(folder: str):
+    """A kernel manager talking to the kernel over local sockets in `folder` (a private temporary folder) instead of
+    TCP ports on localhost, which any user of a shared machine can reach (ipykernel warns about it for every study).
+    A socket path longer than the system allows (about 100 characters: a long $TMPDIR) keeps TCP."""
     from jupyter_client.manager import AsyncKernelManager
-    class IpcKernelManager(AsyncKernelManager):  # TCP on localhost is open to every user of a shared machine, and
-        def __init__(self, **kw):                # ipykernel warns about it once per study
-            kw.setdefault("transport", "ipc"); super().__init__(**kw)
+    if len(str(Path(folder) / "k-ipc-10")) > 90: return AsyncKernelManager
+    class IpcKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            kw.setdefault("transport", "ipc"); kw.setdefault("ip", str(Path(folder) / "k")); super().__init__(**kw)
     return IpcKernelManager
 
 def run_study(study: dict,  # one entry of `load_studies`
@@ -110,8 +114,10 @@ def run_study(study: dict,  # one entry of `load_studies`
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         try:
-            pm.execute_notebook(str(study["notebook"]), str(executed), parameters=params, kernel_name="python3", language="python",
-                                cwd=str(out_dir), progress_bar=False, log_output=False, kernel_manager_class=_ipc_kernels())
+            with tempfile.TemporaryDirectory(prefix="wsi-kernel-") as sockets:
+                pm.execute_notebook(str(study["notebook"]), str(executed), parameters=params, kernel_name="python3",
+                                    language="python", cwd=str(out_dir), progress_bar=False, log_output=False,
+                                    kernel_manager_class=_ipc_kernels(sockets))
             rec.update(status="ok", error="")
         except pm.PapermillExecutionError as e:  # a notebook that raised StudySkipped had nothing to do: not a failure
             skipped = e.ename == "StudySkipped"

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test test-fast export clean-results bench tune repeats twins lock
+.PHONY: install study demo test export clean-results bench tune repeats twins lock
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ demo: install   ## the demo cohort alone (the runner also builds it when missing
 
 study: install  ## build the demo cohort if absent, then run every study in configs/study.yaml on it
 	$(BIN)/wsi-study run configs/study.yaml --cohort demo --out results
+
+bench: install  ## the four benchmarks (ratios against baselines run side by side) into results/bench; run on a quiet machine
+	$(BIN)/wsi-study bench io embed tiling mil --out results/bench
 
 DEV_FEATURES := results/demo_dev/features/2mpp_224px_0px/efficientnet_lite0
 tune: install   ## choose the MIL defaults on demo_dev (another generator seed, 100 patients), never on demo (~25 min; 13-18 with its features built)

@@ -37,7 +37,18 @@ def read_manifest(path) -> pd.DataFrame:
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise ManifestError(path, [f"missing required column '{c}' (required: {', '.join(REQUIRED)})" for c in missing])
+        if len(df.columns) == 1 and any(sep in df.columns[0] for sep in ";\t"):  # a spreadsheet's other CSV dialects
+            sep = "semicolon" if ";" in df.columns[0] else "tab"
+            raise ManifestError(path, [f"the header is one column of {sep}-separated names ({df.columns[0][:60]!r}); "
+                                       "save the manifest comma-separated (CSV UTF-8)"])
+        lower = {c.lower(): c for c in df.columns}
+        raise ManifestError(path, [f"missing required column '{c}' (required: {', '.join(REQUIRED)})"
+                                   + (f"; found '{lower[c]}': column names are lower case" if c in lower else "")
+                                   for c in missing])
+    known = {c.lower(): c for c in (*REQUIRED, *OPTIONAL)}  # 'Stage' or 'MPP' would be kept as a free column, unread
+    if near := [c for c in df.columns if c not in known.values() and c.lower() in known]:
+        raise ManifestError(path, [f"column '{c}' would be ignored: column names are lower case; rename it "
+                                   f"'{known[c.lower()]}'" for c in near])
     if df.empty:
         raise ManifestError(path, ["the manifest has a header but no slide rows; add one row per slide"])
     return df.apply(lambda s: s.str.strip())

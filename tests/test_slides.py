@@ -33,11 +33,13 @@ def test_manifest_mpp_beats_metadata(shared):
 
 
 def test_dicom_cannot_be_opened(shared):
-    """The sparse-tiled DICOM opens with no backend here: a SlideError naming file and reason."""
+    """The sparse-tiled DICOM without an ImageType opens with no backend here: a SlideError naming file and reason,
+    and what is wrong with the file."""
     path = shared / "pathml_small_dicom_sm.dcm"
     with pytest.raises(SlideError) as e:
         open_slide(path)
     assert str(path) in str(e.value) and "cannot be opened by any slide reader" in str(e.value)
+    assert "not conformant: it lacks the required ImageType" in str(e.value)
 
 
 def test_dicom_wsi_opens(shared):

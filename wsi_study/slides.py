@@ -33,6 +33,21 @@ def quiet_readers():
     finally:
         root.setLevel(level)
 
+def _dicom_hint(path: Path) -> str:
+    "Why a DICOM file no reader opens is not a whole-slide image the readers understand, when pydicom can tell."
+    try:
+        import pydicom
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # not DICOM (or no pydicom): the readers' own reason is all there is
+        return ""
+    if ds.get("SOPClassUID") != "1.2.840.10008.5.1.4.1.1.77.1.6":
+        return f" (a DICOM file, but not a whole-slide microscopy image: SOP class {ds.get('SOPClassUID')})"
+    if "ImageType" not in ds:
+        return (" (a DICOM whole-slide image that is not conformant: it lacks the required ImageType attribute, by "
+                "which readers tell pyramid levels from labels and overviews; export it again with the scanner's "
+                "software or a conformant converter)")
+    return " (a DICOM whole-slide image: keep every file of its series, one per pyramid level, in the same folder)"
+
 def open_slide(path,  # a slide file (SVS, NDPI, TIFF, MRXS, DICOM, ...)
                mpp: float | None = None,  # µm/px from the manifest; overrides the slide's metadata
               ):
@@ -50,7 +65,8 @@ def open_slide(path,  # a slide file (SVS, NDPI, TIFF, MRXS, DICOM, ...)
             reader.info  # some backends only fail when the metadata is read
     except Exception as e:  # every backend raises its own type; we only rename and explain
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SlideError(f"{path}: cannot be opened by any slide reader (openslide, tifffile, DICOM): {reason}") from None
+        raise SlideError(f"{path}: cannot be opened by any slide reader (openslide, tifffile, DICOM): {reason}"
+                         + _dicom_hint(path)) from None
     return reader
 
 # %% ../nbs/02_slides.ipynb #cef48cbf

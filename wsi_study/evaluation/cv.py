@@ -68,13 +68,13 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
     hp = {**TRAIN_DEFAULTS, **MODEL_DEFAULTS[model]}
     bad = sorted(k for k in overrides if k not in hp)
     if bad: raise WsiStudyError(f"unknown hyperparameters for {model}: {', '.join(bad)}; allowed: {', '.join(sorted(hp))}")
+    ok = {"bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str),
+          "number": lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool),
+          "number or bool": lambda x: isinstance(x, numbers.Real)}
     for k, v in overrides.items():  # a value of another kind than the default (aux_weight=abc) fails here, not in torch
         d = hp[k]
         kind = {"stack": "number or bool", "aux_weight": "number", "max_patches": "number"}.get(k) or (
             "bool" if isinstance(d, bool) else "number" if isinstance(d, numbers.Real) else "str" if isinstance(d, str) else None)
-        ok = {"bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str),
-              "number": lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool),
-              "number or bool": lambda x: isinstance(x, numbers.Real)}
         if v is not None and kind is not None and not ok[kind](v):
             raise WsiStudyError(f"hyperparameter {k}={v!r}: {model}'s {k} is a {kind} (default {d!r})")
     hp.update({k: v for k, v in overrides.items() if v is not None})

@@ -131,34 +131,53 @@ def test_kill_mid_slide_then_resume(tmp_path):
         assert f["features"].shape == (300, 1024) and f.attrs["n_patches"] == 300
 
 
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+KILL_SCRIPTS = {
+    # embed_slide on the CPU: the readers write into shared slots made once by the parent
+    "slots": "embed_slide({slide!r}, {tiles!r}, {out!r}, {enc!r}, batch_size=32, workers=2, device='cpu')",
+    # torch's hand-over by shared-memory name (what embed_slide uses on CUDA), read slowly so batches pile up
+    "by_name": "import time\nfor x in patch_loader(PatchDataset({slide!r}, read_tiles({tiles!r})[0], 224, 224), 32, 2):"
+               " time.sleep(0.05)",
+}
+
+
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="shared memory is not a folder here")
-def test_kill_with_reader_processes_frees_shared_memory(tmp_path):
-    "Readers hand batches over by shared-memory name; SIGKILL mid-slide, and torch's manager frees every one."
+@pytest.mark.parametrize("how", sorted(KILL_SCRIPTS))
+def test_kill_with_reader_processes_frees_shared_memory(tmp_path, how):
+    "SIGKILL mid-slide with 2 reader processes: the readers exit, no shared memory is left behind, no feature file."
     tiles = write_tiles(tmp_path / "cmu.h5", np.tile(grid(117), (40, 1)))  # 4,680 patches: still reading at the kill
-    script = textwrap.dedent(f"""
-        from wsi_study.embedding import embed_slide
-        embed_slide({str(CMU)!r}, {str(tiles)!r}, {str(tmp_path / 'cmu_features.h5')!r}, {FAST!r}, batch_size=32,
-                    workers=2, device="cpu")
-    """)
+    out = tmp_path / "cmu_features.h5"
+    script = ("from wsi_study.embedding import embed_slide, patch_loader, PatchDataset, read_tiles\n"
+              + KILL_SCRIPTS[how].format(slide=str(CMU), tiles=str(tiles), out=str(out), enc=FAST))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ours = lambda: [p for p in Path("/dev/shm").glob("torch_*") if p.name.split("_")[1] in pids]  # noqa: E731
-    pids, deadline = set(), time.time() + 120
+    pids, readers, deadline = {str(proc.pid)}, [], time.time() + 120
     try:
-        while time.time() < deadline and proc.poll() is None:  # until the readers have batches in shared memory
-            pids = {str(c.pid) for c in psutil.Process(proc.pid).children()}
-            if ours(): break
+        while time.time() < deadline and proc.poll() is None:  # until both readers are reading
+            readers = psutil.Process(proc.pid).children()
+            pids |= {str(c.pid) for c in readers}
+            if len(readers) >= 2 and (how == "slots" or ours()): break
             time.sleep(0.05)
-        assert proc.poll() is None and ours(), f"no batch in shared memory before the kill: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None and len(readers) >= 2, f"no readers before the kill: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.5)  # mid-slide
+        assert proc.poll() is None, f"the slide finished before the kill: {proc.stderr.read()[-2000:]}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    deadline = time.time() + 60  # the readers notice their parent is gone; then the manager frees what they made
-    while ours() and time.time() < deadline:
+    deadline = time.time() + 60  # the readers notice their parent is gone; then torch's manager frees what they made
+    while (ours() or any(map(alive, readers))) and time.time() < deadline:
         time.sleep(0.25)
+    assert not any(map(alive, readers)), "readers outlived the kill"
     assert not ours(), f"shared memory left behind by the killed run: {[p.name for p in ours()][:5]}"
-    assert not (tmp_path / "cmu_features.h5").exists()
+    assert not out.exists()
 
 
 def damage(path):

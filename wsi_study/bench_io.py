@@ -14,7 +14,7 @@ import torch
 
 from .bench import default_slide, interleave, measurement, median_note, rates, usable_cpus
 from .core import WsiStudyError
-from .embedding import Normaliser, PatchDataset, patch_loader
+from .embedding import Normaliser, PatchDataset, SlotBatches, patch_loader
 from .encoders import IMAGENET_MEAN, IMAGENET_STD
 from .slides import quiet_readers
 from .tiling import grid_coords
@@ -91,12 +91,16 @@ def bench_io(out_dir,  # where scratch files go
 
     model = torch.nn.Identity()
     loaders = {}
-    def loader(w, normalised=True, backend="auto", by_descriptor=False):
+    def loader(w, normalised=True, backend="auto", by_descriptor=False, torch_handover=False):
         key = (f"loader_w{w}" + ("" if normalised else "_uint8") + ("" if backend == "auto" else f"_{backend}")
-               + ("_fd" if by_descriptor else ""))
+               + ("_fd" if by_descriptor else "") + ("_torch" if torch_handover else ""))
         ds = PatchDataset(slide, coords, patch_size, patch_size, backend=backend)
-        # embed_slide's loader; by_descriptor: torch's default hand-over from the workers instead (a diagnostic)
-        dl = patch_loader(ds, batch_size, w, persistent_workers=w > 0, **({"worker_init_fn": None} if by_descriptor else {}))
+        # embed_slide's readers on the CPU: shared slots (SlotBatches) with workers, in process without; diagnostics:
+        # torch's DataLoader hand-over by shared-memory name (embed_slide's on CUDA) or by file descriptor (its default)
+        if w and not (by_descriptor or torch_handover):
+            dl = SlotBatches(ds, batch_size, w, persistent_workers=True)
+        else:
+            dl = patch_loader(ds, batch_size, w, persistent_workers=w > 0, **({"worker_init_fn": None} if by_descriptor else {}))
         loaders[key] = dl
         normalise = Normaliser(IMAGENET_MEAN, IMAGENET_STD)  # as embed_slide: one per loader, its buffer reused
         def run():
@@ -113,13 +117,14 @@ def bench_io(out_dir,  # where scratch files go
     contenders = {"raw_openslide": raw, "tiatoolbox": tiatoolbox, **{f"loader_w{w}": loader(w) for w in counts}}
     if diagnose:
         contenders.update({f"loader_w{w}_uint8": loader(w, False) for w in counts})
+        contenders.update({f"loader_w{w}_torch": loader(w, torch_handover=True) for w in workers})
         contenders.update({f"loader_w{w}_fd": loader(w, by_descriptor=True) for w in workers})
         contenders["loader_w0_openslide"] = loader(0, backend="openslide")  # the same loader reading through OpenSlide
         contenders.update(raw_openslide_cold=raw_cold, loader_w0_cold=loader_cold)
     worker_cpu.update({k: [] for k in contenders if k.startswith("loader_w")})
     pins = {"raw_openslide": dict(cpus=1, threads=1), "tiatoolbox": dict(cpus=1, threads=1)}
     pins.update({k: dict(cpus=max(1, w), threads=1) for w in counts
-                 for k in (f"loader_w{w}", f"loader_w{w}_uint8", f"loader_w{w}_fd")})
+                 for k in (f"loader_w{w}", f"loader_w{w}_uint8", f"loader_w{w}_fd", f"loader_w{w}_torch")})
     pins.update({k: dict(cpus=1, threads=1) for k in ("loader_w0_openslide", "raw_openslide_cold", "loader_w0_cold")})
     try:
         runs = interleave(contenders, rounds, pins, desc="bench io", progress=progress)
@@ -151,13 +156,20 @@ def bench_io(out_dir,  # where scratch files go
                              "(no normalisation)", r[f"loader_w{w}_uint8"], "patches/s") for w in counts]
         rows += [measurement(f"scaling_w{w}_uint8", f"diagnostic: {w} workers / ({w} × 1 worker), uint8 batches",
                              r[f"loader_w{w}_uint8"] / (w * r["loader_w1_uint8"]), "×") for w in big]
+        rows += [measurement(f"loader_w{w}_torch_per_s", f"diagnostic: our loader, {w} worker{'s' * (w > 1)}, batches "
+                             "handed over by torch's DataLoader (a fresh shared-memory segment per batch, by name) instead "
+                             "of shared slots", r[f"loader_w{w}_torch"], "patches/s") for w in workers]
+        rows += [measurement(f"scaling_w{w}_torch", f"diagnostic: {w} workers / ({w} × 1 worker), torch's hand-over by name",
+                             r[f"loader_w{w}_torch"] / (w * r["loader_w1_torch"]), "×") for w in big]
+        rows += [measurement(f"slots_vs_torch_w{w}", f"diagnostic: our loader, {w} worker{'s' * (w > 1)}: shared slots / "
+                             "torch's hand-over by name", r[f"loader_w{w}"] / r[f"loader_w{w}_torch"], "×") for w in workers]
         rows += [measurement(f"loader_w{w}_fd_per_s", f"diagnostic: our loader, {w} worker{'s' * (w > 1)}, batches "
                              "handed over by file descriptor (torch's default) instead of by name", r[f"loader_w{w}_fd"],
                              "patches/s") for w in workers]
         rows += [measurement(f"scaling_w{w}_fd", f"diagnostic: {w} workers / ({w} × 1 worker), by file descriptor",
                              r[f"loader_w{w}_fd"] / (w * r["loader_w1_fd"]), "×") for w in big]
-        rows += [measurement(f"by_name_vs_fd_w{w}", f"diagnostic: our loader, {w} worker{'s' * (w > 1)}: batches by name / "
-                             "by file descriptor", r[f"loader_w{w}"] / r[f"loader_w{w}_fd"], "×") for w in workers]
+        rows += [measurement(f"by_name_vs_fd_w{w}", f"diagnostic: torch's hand-over, {w} worker{'s' * (w > 1)}: batches by "
+                             "name / by file descriptor", r[f"loader_w{w}_torch"] / r[f"loader_w{w}_fd"], "×") for w in workers]
         rows.append(measurement("loader_w0_openslide_per_s", "diagnostic: our loader in process, reading through "
                                 "OpenSlide instead of tifffile tiles", r["loader_w0_openslide"], "patches/s"))
         rows += [measurement("raw_openslide_cold_per_s", "diagnostic: raw OpenSlide, fresh handle each run (every "
@@ -174,7 +186,8 @@ def bench_io(out_dir,  # where scratch files go
     if diagnose:  # idle CPU: the main process waiting for batches while the workers wait for a CPU or their GIL
         rows += [measurement(f"busy_w{w}{sfx}", f"diagnostic: CPU time of the main process and the {w} worker"
                              f"{'s' * (w > 1)} / ({w} × wall time), median round, {how}", busy(runs[f"loader_w{w}{sfx}"], w), "×")
-                 for w in workers for sfx, how in (("", "batches by name"), ("_fd", "by file descriptor"))]
+                 for w in workers for sfx, how in (("", "shared slots"), ("_torch", "torch's hand-over by name"),
+                                                    ("_fd", "by file descriptor"))]
     rows += [measurement(f"per_cpu_scaling_w{w}", f"diagnostic: patches per worker CPU-second, {w} workers / 1 worker "
                          "(scaling if the CPUs were free)", v, "×") for w, v in per_cpu_scaling(best).items()]
     notes = [f"{len(grid)} whole {patch_size}-px patches on the grid, cycled to {len(coords)} reads per run; best of "

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from .slides import quiet_readers
 from .tiling import grid_coords
 
 # %% auto #0
-__all__ = ['busy', 'per_cpu_scaling', 'bench_io']
+__all__ = ['idle', 'busy', 'per_cpu_scaling', 'bench_io']
 
 # %% ../nbs/08a_bench_io.ipynb #e9eddd09
 def _children_cpu() -> float:
@@ -36,6 +37,16 @@ def _own_cpu() -> float:
     t = psutil.Process().cpu_times()
     return t.user + t.system
 
+def _idle_cpu() -> float:
+    "Seconds the CPUs this thread may run on have spent idle so far (machine-wide: any process's time is not idle)."
+    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(psutil.cpu_count())
+    times = psutil.cpu_times(percpu=True)
+    return sum(times[c].idle for c in mine if c < len(times))
+
+def idle(runs: list, cpus: int) -> float:
+    "How idle `cpus` CPUs were over a loader's runs: the median of idle CPU seconds / (cpus × wall seconds)."
+    return float(np.median([r["idle_cpu_seconds"] / (cpus * r["seconds"]) for r in runs]))
+
 def busy(runs: list, cpus: int) -> float:
     "How busy `cpus` CPUs were over a loader's runs: the median of (main + worker CPU seconds) / (cpus × wall seconds)."
     return float(np.median([(r["worker_cpu_seconds"] + r["main_cpu_seconds"]) / (cpus * r["seconds"]) for r in runs]))
@@ -48,7 +59,7 @@ def per_cpu_scaling(best: dict) -> dict:
 
 def bench_io(out_dir,  # where scratch files go
              slide=None,  # the slide (default: the repository's CMU-1-Small-Region)
-             n_reads: int = 500,  # patches read per run (the grid, cycled)
+             n_reads: int = 3000,  # patches read per run (the grid, cycled): long enough for steady state
              patch_size: int = 224,  # patch side, level-0 pixels
              batch_size: int = 32,  # DataLoader batch size
              workers=(1, 2),  # worker-process counts to measure besides in-process reading
@@ -104,12 +115,12 @@ def bench_io(out_dir,  # where scratch files go
         loaders[key] = dl
         normalise = Normaliser(IMAGENET_MEAN, IMAGENET_STD)  # as embed_slide: one per loader, its buffer reused
         def run():
-            n, c0, m0 = 0, _children_cpu(), _own_cpu()
+            n, c0, m0, i0 = 0, _children_cpu(), _own_cpu(), _idle_cpu()
             with torch.inference_mode():
                 for x in dl:
                     model(normalise(x) if normalised else x)
                     n += len(x)
-            worker_cpu[key].append((_children_cpu() - c0, _own_cpu() - m0))
+            worker_cpu[key].append((_children_cpu() - c0, _own_cpu() - m0, _idle_cpu() - i0))
             return n
         return run
 
@@ -134,7 +145,7 @@ def bench_io(out_dir,  # where scratch files go
             if it is not None and hasattr(it, "_shutdown_workers"): it._shutdown_workers()
         loaders.clear()
     for k, cpu in worker_cpu.items():  # the first entry is the warm-up
-        for run, (c, m) in zip(runs[k], cpu[1:]): run.update(worker_cpu_seconds=c, main_cpu_seconds=m)
+        for run, (c, m, i) in zip(runs[k], cpu[1:]): run.update(worker_cpu_seconds=c, main_cpu_seconds=m, idle_cpu_seconds=i)
     r = {k: v["best"] for k, v in rates(runs).items()}
     ps = "patches/s"
     rows = [measurement("raw_openslide_per_s", "raw OpenSlide read_region + RGB, 1 core", r["raw_openslide"], ps),
@@ -188,6 +199,10 @@ def bench_io(out_dir,  # where scratch files go
                              f"{'s' * (w > 1)} / ({w} × wall time), median round, {how}", busy(runs[f"loader_w{w}{sfx}"], w), "×")
                  for w in workers for sfx, how in (("", "shared slots"), ("_torch", "torch's hand-over by name"),
                                                     ("_fd", "by file descriptor"))]
+    if diagnose:  # the rest of the time: idle (the readers and the main process waiting on each other) or other jobs'
+        rows += [measurement(f"idle_w{w}", f"diagnostic: idle time of the {w} CPU{'s' * (w > 1)} / ({w} × wall time), median "
+                             "round, shared slots (what is neither idle nor ours went to other jobs)", idle(runs[f"loader_w{w}"], w), "×")
+                 for w in workers]
     rows += [measurement(f"per_cpu_scaling_w{w}", f"diagnostic: patches per worker CPU-second, {w} workers / 1 worker "
                          "(scaling if the CPUs were free)", v, "×") for w, v in per_cpu_scaling(best).items()]
     notes = [f"{len(grid)} whole {patch_size}-px patches on the grid, cycled to {len(coords)} reads per run; best of "

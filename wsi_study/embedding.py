@@ -351,20 +351,24 @@ class SlotBatches:
     slot's number. Yields channels-last (B, 3, S, S) uint8 views of a slot, each valid until the next is asked for.
 
     Why not torch's own hand-over: a `DataLoader` worker puts every batch in a fresh shared-memory segment, so each
-    batch is paid in page faults twice (the kernel zeroes and maps the pages for the reader, then maps them again for
-    this process) and the consuming process's first touch of the batch costs more than normalising it: 1.4 ms of a
-    32-patch batch's 3.7 ms there (measured here). A slot is mapped once, in the parent, and every reader inherits it.
+    batch is paid for in page faults twice (the kernel zeroes and maps new pages for the reader, then maps them again
+    for this process). With two readers this process spent 1.4 ms receiving a 32-patch batch and 2.3 ms normalising
+    it, of which the uint8 → float copy, the first touch of the new pages, took 2.0 ms against 1.0 ms for the
+    multiply-add (cProfile, measured here). A slot is mapped once, in the parent, and every reader inherits it.
     The `DataLoader` still runs the readers (order, errors, shutdown): it never has more than `prefetch_factor` ×
-    `workers` tasks out beyond the batch being yielded, so a ring of that many + 2 slots is never written while in use
-    (`torch.utils.data.DataLoader._try_put_index`). Slides on CUDA keep torch's hand-over, which pins memory."""
+    `workers` tasks out beyond the batch being yielded (`torch.utils.data.DataLoader._try_put_index`), so a ring of
+    that many + 2 slots is never written while in use; a slide with fewer batches gets one slot more than its
+    batches. Slides on CUDA keep torch's hand-over, which pins memory."""
     def __init__(self, ds: PatchDataset,  # the slide's patches
                  batch_size: int, workers: int,  # reader processes, at least 1
                  prefetch_factor: int = 4,  # tasks in flight per reader
                  persistent_workers: bool = False):  # keep the readers between passes (the benchmark)
         if workers < 1: raise WsiStudyError("SlotBatches needs at least one reader process; use patch_loader")
-        self.n_slots = prefetch_factor * workers + 2
-        s = ds.out_size
-        self.slots = torch.empty(self.n_slots, batch_size, s, s, 3, dtype=torch.uint8).share_memory_()
+        # at most prefetch_factor × workers + 1 batches, all of one pass, are in use or in flight at once: a slide
+        # with fewer batches than that gets a ring of one more than its batches, each no bigger than the slide
+        n_batches = -(-len(ds) // batch_size)
+        self.n_slots, s = min(prefetch_factor * workers + 2, n_batches + 1), ds.out_size
+        self.slots = torch.empty(self.n_slots, min(batch_size, len(ds)), s, s, 3, dtype=torch.uint8).share_memory_()
         self.loader = DataLoader(_SlotReader(ds, self.slots), batch_size=None, num_workers=workers,
                                  sampler=_SlotTasks(len(ds), batch_size, self.n_slots), collate_fn=_ticket,
                                  prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)

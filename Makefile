@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test export clean-results bench tune repeats twins lock
+.PHONY: install study demo test export clean-results bench gpu-check tune repeats twins lock
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ study: install  ## build the demo cohort if absent, then run every study in conf
 
 bench: install  ## the four benchmarks (ratios against baselines run side by side) into results/bench; run on a quiet machine
 	$(BIN)/wsi-study bench io embed tiling mil --out results/bench
+
+gpu-check: install  ## on a machine with a CUDA GPU: embed_slide's CUDA path against the CPU (tests/test_cuda.py), then bench embed on the GPU
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check: torch sees no CUDA GPU on this machine')"
+	$(BIN)/pytest -q -rs tests/test_cuda.py
+	$(BIN)/wsi-study bench embed --device cuda --out results/bench_cuda
 
 DEV_FEATURES := results/demo_dev/features/2mpp_224px_0px/efficientnet_lite0
 tune: install   ## choose the MIL defaults on demo_dev (another generator seed, 100 patients), never on demo (~25 min; 13-18 with its features built)

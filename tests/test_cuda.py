@@ -1,0 +1,53 @@
+"""embed_slide's CUDA path (pinned batches, channels-last, autocast), for a machine with a GPU: `make gpu-check`.
+
+Skipped where torch sees no CUDA GPU, as on the 2-core machines this project's CI runs on; the CPU path is covered by
+test_embedding.py. A GPU changes the arithmetic (autocast runs the convolutions in bf16 or fp16) but not the patches,
+so the features must match the CPU's closely, patch by patch, whichever way the batches reach the GPU."""
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from test_embedding import CMU, grid, write_tiles
+from wsi_study.bench import run_bench
+from wsi_study.embedding import embed_slide
+from wsi_study.encoders import load_encoder
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU here")
+
+
+def features(path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f["features"][:]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cuda_features_match_cpu(tmp_path, workers):
+    "Autocast on the GPU, from a reading thread or from 2 reader processes with pinned batches: the CPU's features."
+    tiles = write_tiles(tmp_path / "cmu.h5", grid(40, step=250))
+    cpu = embed_slide(CMU, tiles, tmp_path / "cpu.h5", load_encoder("efficientnet_lite0"), batch_size=16, device="cpu")
+    gpu = embed_slide(CMU, tiles, tmp_path / "gpu.h5", load_encoder("efficientnet_lite0", device="cuda"),
+                      batch_size=16, workers=workers, device="cuda")
+    assert gpu["n_patches"] == cpu["n_patches"] == 40
+    a, b = features(cpu["path"]), features(gpu["path"])
+    assert b.dtype == np.float32 and np.isfinite(b).all()
+    assert cosine(a, b).min() > 0.99, cosine(a, b).min()  # bf16/fp16 convolutions, the same patches in the same order
+    with h5py.File(gpu["path"], "r") as f:
+        assert (f["coords"][:] == grid(40, step=250)).all() and f.attrs["n_patches"] == 40
+
+
+def test_bench_embed_on_cuda(tmp_path):
+    "The GPU benchmark runs and reports its two targets (a benchmark, not a timed test: the values are not asserted)."
+    res = run_bench("embed", tmp_path, slide=CMU, model="random:resnet18", n_patches=64, rounds=1, device="cuda",
+                    progress=False)
+    v = {r["key"]: r for r in res["measurements"]}
+    assert v["forward_per_s"]["value"] > 0 and v["embed_slide_per_s"]["value"] > 0
+    assert v["embed_vs_forward"]["target"] == "≥ 0.8"  # with autocast, against a pure forward pass on the same GPU
+    assert v["embed_vs_tiatoolbox"]["target"] == "≥ 2"  # against TIAToolbox's engine, same model and batches
+    assert Path(tmp_path / "bench_embed.md").is_file()

@@ -92,8 +92,14 @@ def _ipc_kernels(folder: str):
     TCP ports on localhost, which any user of a shared machine can reach (ipykernel warns about it for every study).
     A socket path longer than the system allows (about 100 characters: a long $TMPDIR) keeps TCP."""
     from jupyter_client.manager import AsyncKernelManager
-    if len(str(Path(folder) / "k-ipc-10")) > 90: return AsyncKernelManager
-    class IpcKernelManager(AsyncKernelManager):
+    class StudyKernelManager(AsyncKernelManager):
+        async def _async_interrupt_kernel(self):
+            # jupyter_client interrupts a kernel before asking it to shut down; a kernel still finishing its last
+            # cell's reply then logs "ERROR | KeyboardInterrupt caught in kernel." after a study that went well. A
+            # kernel busy at shut-down (a failed run) is killed after jupyter_client's wait instead of interrupted.
+            if not self.shutting_down: await super()._async_interrupt_kernel()
+    if len(str(Path(folder) / "k-ipc-10")) > 90: return StudyKernelManager
+    class IpcKernelManager(StudyKernelManager):
         def __init__(self, **kw):
             kw.setdefault("transport", "ipc"); kw.setdefault("ip", str(Path(folder) / "k")); super().__init__(**kw)
     return IpcKernelManager

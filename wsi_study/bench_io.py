@@ -199,7 +199,7 @@ def bench_io(out_dir,  # where scratch files go
                              f"{'s' * (w > 1)} / ({w} × wall time), median round, {how}", busy(runs[f"loader_w{w}{sfx}"], w), "×")
                  for w in workers for sfx, how in (("", "shared slots"), ("_torch", "torch's hand-over by name"),
                                                     ("_fd", "by file descriptor"))]
-    if diagnose:  # the rest of the time: idle (the readers and the main process waiting on each other) or other jobs'
+        # the rest of the time: idle (the readers and the main process waiting on each other) or other jobs'
         rows += [measurement(f"idle_w{w}", f"diagnostic: idle time of the {w} CPU{'s' * (w > 1)} / ({w} × wall time), median "
                              "round, shared slots (what is neither idle nor ours went to other jobs)", idle(runs[f"loader_w{w}"], w), "×")
                  for w in workers]

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 from wsi_study.bench import run_bench, usable_cpus
 from wsi_study.bench_tiling import synthetic_slide
+from wsi_study.cli import main
 from wsi_study.core import WsiStudyError
 
 CMU = ROOT / "data" / "wsi" / "cmu_small_region.svs"
@@ -46,17 +47,38 @@ def test_bench_io(tmp_path):
     assert res["values"] == v
 
 
-def test_bench_embed(tmp_path):
-    """embed: pure forward, embed_slide and TIAToolbox's DeepFeatureExtractor embed the same 16 patches."""
-    run_bench("embed", tmp_path, slide=CMU, model="random:mobilenetv3_small_050", n_patches=16, batch_size=8,
-              threads=1, rounds=1, progress=False)
-    data, _ = read_outputs(tmp_path, "embed")
+def test_bench_embed(tmp_path, capsys):
+    """embed, from the command line: pure forward, embed_slide and TIAToolbox's DeepFeatureExtractor embed the same 16
+    patches of the slide, encoder, batch size and thread count asked for."""
+    assert main(["-q", "bench", "embed", "--slide", str(CMU), "--encoder", "random:mobilenetv3_small_050",
+                 "--patches", "16", "--batch-size", "8", "--threads", "1", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    data, md = read_outputs(tmp_path, "embed")
+    assert md in capsys.readouterr().out  # the table is printed too
     v = data["values"]
     assert v["forward_per_s"] > 0 and v["embed_slide_per_s"] > 0 and v["embed_vs_forward"] > 0
     assert data["tiatoolbox_error"] is None, data["tiatoolbox_error"]
     assert v["tiatoolbox_per_s"] > 0 and v["n_patches"] == v["tiatoolbox_n_patches"] == 16
     assert v["rss_growth_mib"] is not None and data["machine"]["device"] == "cpu"
+    p = data["params"]
+    assert (p["slide"], p["model"], p["batch_size"], p["threads"], p["workers"]) == (str(CMU), "random:mobilenetv3_small_050", 8, 1, 0)
+    assert p["weights_sha256"] == "random" and p["level0_mpp"] == pytest.approx(0.499, abs=1e-3)
     assert not list(tmp_path.glob(".bench-embed-*"))  # scratch files are removed
+
+
+def test_bench_slide_errors(tmp_path, shared, capsys):
+    """A benchmark slide OpenSlide cannot open, or one without an mpp for bench embed, is one line and exit code 2,
+    before anything runs or is written."""
+    notes = tmp_path / "notes.svs"
+    notes.write_text("not a slide")
+    out = tmp_path / "out"
+    assert main(["bench", "io", "--slide", str(notes), "--out", str(out)]) == 2
+    assert main(["bench", "embed", "--slide", str(shared / "tcga-cr-7395-01a-01-ts1.svs"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith(f"error: {notes}: OpenSlide cannot open it (") and "pass a slide it opens" in err[0]
+    assert err[1].endswith("tcga-cr-7395-01a-01-ts1.svs: no mpp in the slide's metadata; pass --mpp (mpp= from Python), "
+                           "its level-0 µm/px")
+    assert not list(out.glob("bench_*"))
 
 
 def test_bench_tiling(tmp_path):

@@ -21,19 +21,28 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from .core import WsiStudyError, get_logger, project_root, write_json, write_text
+from .core import WsiStudyError, get_logger, one_line, project_root, write_json, write_text
 from .embedding import resolve_device
 
 # %% auto #0
-__all__ = ['BENCHES', 'default_slide', 'usable_cpus', 'machine_info', 'pinned', 'interleave', 'rates', 'median_note', 'PeakRSS',
+__all__ = ['BENCHES', 'bench_slide', 'usable_cpus', 'machine_info', 'pinned', 'interleave', 'rates', 'median_note', 'PeakRSS',
            'measurement', 'markdown_report', 'write_report', 'bench_mil_report', 'run_bench']
 
 # %% ../nbs/08_bench.ipynb #bd35876d
-def default_slide() -> Path:
-    "The real H&E slide shipped with the repository (CMU-1-Small-Region, 2220×2967 px, 0.499 µm/px)."
-    p = project_root() / "data" / "wsi" / "cmu_small_region.svs"
+def bench_slide(slide=None) -> Path:
+    """The slide the io and embed benchmarks read: `slide`, or the real H&E slide shipped with the repository
+    (CMU-1-Small-Region, 2220×2967 px, 0.499 µm/px). Both benchmarks read it against OpenSlide, so it must be a slide
+    OpenSlide opens; anything else is a `WsiStudyError` saying what to pass."""
+    import openslide
+    p = Path(slide) if slide else project_root() / "data" / "wsi" / "cmu_small_region.svs"
     if not p.is_file():
-        raise WsiStudyError(f"{p}: the benchmark slide is missing (it ships with the repository); pass slide=PATH")
+        why = "no such file" if slide else "the default benchmark slide is missing (it ships with the repository, not the package)"
+        raise WsiStudyError(f"{p}: {why}; pass --slide PATH (slide= from Python) with a slide OpenSlide opens")
+    try:
+        openslide.OpenSlide(str(p)).close()
+    except openslide.OpenSlideError as e:
+        raise WsiStudyError(f"{p}: OpenSlide cannot open it ({one_line(e)}); the io and embed benchmarks compare against "
+                            "OpenSlide's reader, so pass a slide it opens (SVS, NDPI, MRXS, generic tiled TIFF, ...)") from None
     return p
 
 def _cpu_name() -> str:

@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 import torch
 
-from .bench import PeakRSS, default_slide, interleave, measurement, median_note, rates
-from .core import WsiStudyError, one_line
+from .bench import PeakRSS, bench_slide, interleave, measurement, median_note, rates
+from .core import SlideError, WsiStudyError, one_line
 from .embedding import Normaliser, PatchDataset, embed_slide, resolve_device, stack_patches
 from .encoders import Encoder, load_encoder
 from .slides import open_slide, quiet_readers, slide_mpp
@@ -65,6 +65,8 @@ def _level0_mask(shape_hw, coords, size: int) -> np.ndarray:
 def bench_embed(out_dir,  # where scratch files go
                 slide=None,  # the slide (default: the repository's CMU-1-Small-Region)
                 model: str = "random:resnet18",  # any `load_encoder` name; weights do not matter for speed
+                weights=None,  # a local checkpoint for `model` (see `load_encoder`)
+                mpp: float | None = None,  # the slide's level-0 µm/px where its metadata has none
                 n_patches: int | None = None,  # patches of the grid to embed (None: every whole patch)
                 batch_size: int = 32,
                 workers: int = 0,  # DataLoader workers for `embed_slide` and TIAToolbox alike
@@ -77,16 +79,20 @@ def bench_embed(out_dir,  # where scratch files go
                ) -> dict:
     "Patches per second of a pure forward pass, our `embed_slide` and TIAToolbox's `DeepFeatureExtractor`."
     import openslide
-    slide = Path(slide) if slide else default_slide()
+    slide = bench_slide(slide)
     device = resolve_device(device)
     cuda = device.type == "cuda"
     work = Path(tempfile.mkdtemp(prefix=".bench-embed-", dir=Path(out_dir).resolve()))
     old_threads = torch.get_num_threads()
     if threads: torch.set_num_threads(threads)
     try:
-        enc = load_encoder(model, device=device)
+        enc = load_encoder(model, weights, device=device)
         size = enc.input_size
-        level0_mpp = slide_mpp(open_slide(slide), None, slide.stem)[0]
+        try:
+            level0_mpp = slide_mpp(open_slide(slide), mpp, slide.stem)[0]
+        except SlideError:
+            raise WsiStudyError(f"{slide}: no mpp in the slide's metadata; pass --mpp (mpp= from Python), its level-0 "
+                                "µm/px") from None
         w, h = openslide.OpenSlide(str(slide)).dimensions
         coords = grid_coords(w, h, size, size)[:n_patches]
         n, nb = len(coords), min(batch_size, len(coords))
@@ -188,7 +194,8 @@ def bench_embed(out_dir,  # where scratch files go
         notes.append("CUDA targets (≥ 0.8 × forward with AMP, ≥ 2 × TIAToolbox) apply with device='cuda' only.")
     return {"bench": "embed", "device": str(device), "measurements": rows, "notes": notes, "runs": runs,
             "tiatoolbox_error": tia_err,
-            "params": dict(slide=str(slide), model=model, n_patches=n, batch_size=batch_size, workers=workers,
+            "params": dict(slide=str(slide), model=model, weights=str(weights) if weights else None,
+                           weights_sha256=enc.weights_sha256, level0_mpp=level0_mpp, n_patches=n, batch_size=batch_size, workers=workers,
                            device=str(device), threads=used_threads, rounds=rounds, diagnose=diagnose)}
 
 def _seconds(fn) -> float:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
 
-from .bench import default_slide, interleave, measurement, median_note, rates, usable_cpus
+from .bench import bench_slide, interleave, measurement, median_note, rates, usable_cpus
 from .core import WsiStudyError
 from .embedding import Normaliser, PatchDataset, SlotBatches, patch_loader
 from .encoders import IMAGENET_MEAN, IMAGENET_STD
@@ -69,7 +68,7 @@ def bench_io(out_dir,  # where scratch files go
     "Patches per second of raw OpenSlide, TIAToolbox `read_rect` and our loader (in process and with workers)."
     import openslide
     from tiatoolbox.wsicore.wsireader import WSIReader
-    slide = Path(slide) if slide else default_slide()
+    slide = bench_slide(slide)
     osr = openslide.OpenSlide(str(slide))
     grid = grid_coords(*osr.dimensions, patch_size, patch_size)
     if len(grid) == 0: raise WsiStudyError(f"{slide}: smaller than one {patch_size}-px patch")

@@ -14,7 +14,7 @@ from .core import WsiStudyError, get_logger, project_root
 
 # %% auto #0
 __all__ = ['cmd_validate', 'default_real_slides', 'cmd_demo_data', 'cmd_tile', 'cmd_embed', 'cmd_train', 'cmd_tune',
-           'cmd_compare_seeds', 'cmd_bench', 'cmd_run', 'build_parser', 'main']
+           'cmd_compare_seeds', 'bench_params', 'cmd_bench', 'cmd_run', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #68503ea8
 def cmd_validate(args) -> int:
@@ -126,12 +126,43 @@ def cmd_compare_seeds(args) -> int:
     print(f"{args.out}/repeats_models.csv, repeats_paired.csv, figures/paired.png")
     return 0
 
+# the options of `wsi-study bench`, the benchmarks that take each, and the keyword it becomes where the names differ
+_BENCH_OPTIONS = {"slide": ("io", "embed"), "mpp": ("embed",), "encoder": ("embed",), "weights": ("embed",),
+                  "batch_size": ("io", "embed"), "workers": ("io", "embed"), "patches": ("embed",),
+                  "threads": ("embed",), "rounds": ("io", "embed", "tiling"), "device": ("embed", "mil")}
+_BENCH_KEYWORD = {"encoder": "model", "patches": "n_patches"}
+
+def bench_params(args) -> dict:
+    """Benchmark name → the keyword arguments its command line sets. Each option goes to the named benchmarks that take
+    it; an option none of them takes, or a value out of range, is a `WsiStudyError` saying what to do."""
+    given = {k: getattr(args, k, None) for k in _BENCH_OPTIONS}
+    given = {k: v for k, v in given.items() if v is not None}
+    flag = lambda k: "--" + k.replace("_", "-")
+    for k, v in given.items():
+        if not set(_BENCH_OPTIONS[k]) & set(args.names):
+            raise WsiStudyError(f"{flag(k)} applies to bench {' and '.join(_BENCH_OPTIONS[k])} only; drop it or name one of them")
+        low, values = (0, v) if k == "workers" else (1, [v])
+        if k in ("batch_size", "patches", "threads", "rounds", "workers") and min(values) < low:
+            raise WsiStudyError(f"{flag(k)} must be at least {low}")
+        if k == "mpp" and not v > 0: raise WsiStudyError("--mpp must be a positive number of µm per level-0 pixel")
+    workers = given.get("workers")
+    if workers is not None and "embed" in args.names and len(workers) != 1:
+        raise WsiStudyError("bench embed takes one --workers count (embed_slide's reader processes, 0: read in process); "
+                            "several counts are for bench io alone")
+    params = {}
+    for name in args.names:
+        kw = {_BENCH_KEYWORD.get(k, k): v for k, v in given.items() if name in _BENCH_OPTIONS[k]}
+        if "workers" in kw:  # io measures in process and each count of readers, always with 1 (its scaling baseline)
+            kw["workers"] = kw["workers"][0] if name == "embed" else tuple(sorted({1, *kw["workers"]} - {0}))
+        params[name] = {"progress": not args.quiet, **kw}
+    return params
+
 def cmd_bench(args) -> int:
     "Benchmarks measured as ratios against a baseline run side by side; JSON + markdown into --out."
-    from wsi_study.bench import run_bench
-    out = Path(args.out)
-    for name in args.names:
-        kw = {"progress": not args.quiet, **({"device": args.device} if args.device and name in ("embed", "mil") else {})}
+    from wsi_study.bench import bench_slide, run_bench
+    out, params = Path(args.out), bench_params(args)
+    if {"io", "embed"} & set(params): bench_slide(args.slide)  # a slide they cannot read stops here, before any run
+    for name, kw in params.items():
         run_bench(name, out, **kw)
         print((out / f"bench_{name}.md").read_text())
     return 0
@@ -235,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("names", nargs="+", choices=["io", "embed", "tiling", "mil"], metavar="{io,embed,tiling,mil}")
     b.add_argument("--out", default="results/bench", help="where bench_<name>.json and .md go")
     b.add_argument("--device", default=None, help="device for embed/mil (default: cpu for embed, auto for mil)")
+    b.add_argument("--slide", default=None, help="io/embed: a slide OpenSlide opens (default: the repository's "
+                   "CMU-1-Small-Region)")
+    b.add_argument("--mpp", type=float, default=None, help="embed: the slide's level-0 µm/px, where its metadata has none")
+    b.add_argument("--encoder", default=None, help="embed: any `embed --encoder` name (default: random:resnet18; "
+                   "weights do not change the speed)")
+    b.add_argument("--weights", default=None, help="embed: a local checkpoint for --encoder")
+    b.add_argument("--batch-size", type=int, default=None, help="io/embed: patches per batch (default 32)")
+    b.add_argument("--workers", type=int, nargs="+", default=None, metavar="W",
+                   help="embed: reader processes (default 0); io: reader-process counts to measure besides in-process "
+                   "reading, 1 always included (default 1 2; counts above the usable CPUs are skipped)")
+    b.add_argument("--patches", type=int, default=None, help="embed: the first N patches of the slide's grid (default: all)")
+    b.add_argument("--threads", type=int, default=None, help="embed: torch threads (default: torch's)")
+    b.add_argument("--rounds", type=int, default=None, help="io/embed/tiling: timed rounds of each contender")
     b.set_defaults(func=cmd_bench)
     r = sub.add_parser("run", help="run study notebooks for one or more cohorts")
     r.add_argument("config", help="study YAML, e.g. configs/study.yaml")

@@ -30,7 +30,7 @@ from .core import (SlideError, WsiStudyError, atomic_path, clean_stale_temps, ge
                             record_failures, whole_number)
 from .encoders import Encoder, encoder_slug, load_encoder
 from .slides import open_slide, quiet_readers, slide_mpp
-from .tiffread import TiffTiles
+from .tiffread import TiffTiles, read_region_rgb
 
 # %% auto #0
 __all__ = ['read_tiles', 'best_level', 'PatchDataset', 'resolve_device', 'prefetch', 'Normaliser', 'stack_patches',
@@ -139,10 +139,15 @@ class PatchDataset(Dataset):
             if s == self.out_size: return arr
             img = Image.fromarray(arr)
         elif self.backend == "openslide":
-            img = self._reader().read_region((x, y), self.level, (s, s))  # RGBA; transparent outside the slide
-            if not self._inside(x, y):  # tiling keeps patches inside the slide, so this is the rare path
-                img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
-            img = img.convert("RGB")  # PIL's C loop; measured faster than slicing RGB out of the RGBA array
+            arr = read_region_rgb(self._reader(), x, y, self.level, s)  # None unless every pixel is opaque
+            if arr is not None:
+                if s == self.out_size: return arr
+                img = Image.fromarray(arr)
+            else:
+                img = self._reader().read_region((x, y), self.level, (s, s))  # RGBA; transparent outside the slide
+                if not self._inside(x, y):  # tiling keeps patches inside the slide, so this is the rare path
+                    img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+                img = img.convert("RGB")  # PIL's C loop; measured faster than slicing RGB out of the RGBA array
         else:
             with quiet_readers():
                 arr = self._reader().read_rect((x, y), (s, s), resolution=self.level, units="level",

@@ -2,8 +2,11 @@
 import pandas as pd
 import pytest
 
+from conftest import ROOT
 from wsi_study.core import SlideError
 from wsi_study.slides import open_slide, slide_info, slide_mpp, slide_table, thumbnail
+
+NDPI = ROOT / "data" / "wsi" / "hamamatsu_fluorescence_DAPI.ndpi"  # ships with the repository (data/README.md)
 
 
 def test_cmu_svs(shared):
@@ -13,9 +16,9 @@ def test_cmu_svs(shared):
     assert info["mpp"] == pytest.approx(0.499) and info["mpp_source"] == "metadata" and info["vendor"] == "aperio"
 
 
-def test_ndpi_pyramid(shared):
+def test_ndpi_pyramid():
     """A 7-level Hamamatsu pyramid."""
-    info = slide_info(shared / "hamamatsu_fluorescence_DAPI.ndpi")
+    info = slide_info(NDPI)
     assert info["levels"] == 7 and info["mpp"] == pytest.approx(0.228, abs=1e-3) and info["vendor"] == "hamamatsu"
 
 
@@ -63,6 +66,6 @@ def test_slide_table_goes_on(shared):
     assert t.error[0] == "" and "cannot be opened" in t.error[1] and t.width[0] == 2220
 
 
-def test_thumbnail(shared):
-    th = thumbnail(open_slide(shared / "hamamatsu_fluorescence_DAPI.ndpi"), 300)
+def test_thumbnail():
+    th = thumbnail(open_slide(NDPI), 300)
     assert th.ndim == 3 and th.shape[2] == 3 and abs(max(th.shape[:2]) - 300) <= 2

@@ -106,11 +106,11 @@ def test_allow_upsample(tmp_path):
     assert row["patch_size_level0"] == round(224 * 0.25 / 0.499)
 
 
-def test_fluorescence_slide_masks_the_tissue(tmp_path, shared, capfd):
+def test_fluorescence_slide_masks_the_tissue(tmp_path, capfd):
     """A real fluorescence slide (Hamamatsu NDPI, DAPI: bright nuclei on a dark background): the mask keeps the bright
     tissue, not the dark background the bright-field maskers would keep, and a warning names the slide."""
     from PIL import Image
-    row = tile_slide(shared / "hamamatsu_fluorescence_DAPI.ndpi", tmp_path, "dapi", target_mpp=2.0)
+    row = tile_slide(ROOT / "data" / "wsi" / "hamamatsu_fluorescence_DAPI.ndpi", tmp_path, "dapi", target_mpp=2.0)
     err = capfd.readouterr().err
     assert "slide dapi: its background is dark" in err, err[-2000:]
     mask = np.asarray(Image.open(tmp_path / "masks" / "dapi.png")) > 0

@@ -42,6 +42,7 @@ def test_bench_io(tmp_path):
     targets = {r["key"]: r["target"] for r in data["measurements"]}
     assert targets["loader_vs_openslide"] == "≥ 0.8" and targets["loader_vs_tiatoolbox"] == "≥ 1.3"
     assert "scaling_w2" in v or len(workers) == 1
+    assert v.get("shares_vs_alternate_w2", 1) > 0 and ("shares_vs_alternate_w2" in v or len(workers) == 1)  # reader shares, side by side
     assert all(v[f"loader_w{w}_fd_per_s"] > 0 for w in workers)  # the hand-over by descriptor, side by side
     assert all(r["items"] == 32 for runs in data["runs"].values() for r in runs)
     assert res["values"] == v

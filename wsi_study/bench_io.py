@@ -15,7 +15,7 @@ import torch
 
 from .bench import bench_slide, interleave, measurement, median_note, rates, usable_cpus
 from .core import WsiStudyError
-from .embedding import Normaliser, PatchDataset, SlotBatches, patch_loader
+from .embedding import Normaliser, PatchDataset, SlotBatches, patch_loader, reader_spans
 from .encoders import IMAGENET_MEAN, IMAGENET_STD
 from .slides import quiet_readers
 from .tiffread import TiffTiles
@@ -76,8 +76,8 @@ def _reader_note(slide: Path, osr) -> str:
     fits = (f"its level 0 ({mb:.0f} MB decoded) fits in that cache, so after the warm-up most reads are cache hits for "
             "every contender alike: the ratios compare the cost of getting a patch out of decoded tiles"
             if mb <= _OPENSLIDE_CACHE_MB else
-            f"its level 0 ({mb:.0f} MB decoded) does not fit in that cache, so every pass over the grid decodes tiles "
-            "again for whoever reads through OpenSlide")
+            f"its level 0 ({mb:.0f} MB decoded) does not fit in that cache, so every run decodes tiles again for "
+            "whoever reads through OpenSlide")
     return f"{how}; raw OpenSlide and TIAToolbox use OpenSlide's default tile cache ({_OPENSLIDE_CACHE_MB} MB), and {fits}."
 
 def bench_io(out_dir,  # where scratch files go
@@ -125,14 +125,16 @@ def bench_io(out_dir,  # where scratch files go
 
     model = torch.nn.Identity()
     loaders = {}
-    def loader(w, normalised=True, backend="auto", by_descriptor=False, torch_handover=False):
+    def loader(w, normalised=True, backend="auto", by_descriptor=False, torch_handover=False, alternate=False):
         key = (f"loader_w{w}" + ("" if normalised else "_uint8") + ("" if backend == "auto" else f"_{backend}")
-               + ("_fd" if by_descriptor else "") + ("_torch" if torch_handover else ""))
+               + ("_fd" if by_descriptor else "") + ("_torch" if torch_handover else "") + ("_alternate" if alternate else ""))
         ds = PatchDataset(slide, coords, patch_size, patch_size, backend=backend)
         # embed_slide's readers on the CPU: shared slots (SlotBatches) with workers, in process without; diagnostics:
         # torch's DataLoader hand-over by shared-memory name (embed_slide's on CUDA) or by file descriptor (its default)
         if w and not (by_descriptor or torch_handover):
-            dl = SlotBatches(ds, batch_size, w, persistent_workers=True)
+            # alternate: the batches in the slide's order, so reader j gets every w-th batch (the order before reader_spans)
+            dl = SlotBatches(ds, batch_size, w, persistent_workers=True,
+                             spans=reader_spans(len(ds), batch_size) if alternate else None)
         else:
             dl = patch_loader(ds, batch_size, w, persistent_workers=w > 0, **({"worker_init_fn": None} if by_descriptor else {}))
         loaders[key] = dl
@@ -153,12 +155,14 @@ def bench_io(out_dir,  # where scratch files go
         contenders.update({f"loader_w{w}_uint8": loader(w, False) for w in counts})
         contenders.update({f"loader_w{w}_torch": loader(w, torch_handover=True) for w in workers})
         contenders.update({f"loader_w{w}_fd": loader(w, by_descriptor=True) for w in workers})
+        contenders.update({f"loader_w{w}_alternate": loader(w, alternate=True) for w in workers if w > 1})
         contenders["loader_w0_openslide"] = loader(0, backend="openslide")  # the same loader reading through OpenSlide
         contenders.update(raw_openslide_cold=raw_cold, loader_w0_cold=loader_cold)
     worker_cpu.update({k: [] for k in contenders if k.startswith("loader_w")})
     pins = {"raw_openslide": dict(cpus=1, threads=1), "tiatoolbox": dict(cpus=1, threads=1)}
     pins.update({k: dict(cpus=max(1, w), threads=1) for w in counts
-                 for k in (f"loader_w{w}", f"loader_w{w}_uint8", f"loader_w{w}_fd", f"loader_w{w}_torch")})
+                 for k in (f"loader_w{w}", f"loader_w{w}_uint8", f"loader_w{w}_fd", f"loader_w{w}_torch",
+                           f"loader_w{w}_alternate")})
     pins.update({k: dict(cpus=1, threads=1) for k in ("loader_w0_openslide", "raw_openslide_cold", "loader_w0_cold")})
     try:
         runs = interleave(contenders, rounds, pins, desc="bench io", progress=progress)
@@ -197,6 +201,9 @@ def bench_io(out_dir,  # where scratch files go
                              r[f"loader_w{w}_torch"] / (w * r["loader_w1_torch"]), "×") for w in big]
         rows += [measurement(f"slots_vs_torch_w{w}", f"diagnostic: our loader, {w} worker{'s' * (w > 1)}: shared slots / "
                              "torch's hand-over by name", r[f"loader_w{w}"] / r[f"loader_w{w}_torch"], "×") for w in workers]
+        rows += [measurement(f"shares_vs_alternate_w{w}", f"diagnostic: our loader, {w} workers: each reading a contiguous "
+                             f"share of the slide / each handed one batch in {w}", r[f"loader_w{w}"] /
+                             r[f"loader_w{w}_alternate"], "×") for w in big]
         rows += [measurement(f"loader_w{w}_fd_per_s", f"diagnostic: our loader, {w} worker{'s' * (w > 1)}, batches "
                              "handed over by file descriptor (torch's default) instead of by name", r[f"loader_w{w}_fd"],
                              "patches/s") for w in workers]

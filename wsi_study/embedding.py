@@ -392,14 +392,15 @@ class SlotBatches:
     def __init__(self, ds: PatchDataset,  # the slide's patches
                  batch_size: int, workers: int,  # reader processes, at least 1
                  prefetch_factor: int = 4,  # tasks in flight per reader
-                 persistent_workers: bool = False):  # keep the readers between passes (the benchmark)
+                 persistent_workers: bool = False,  # keep the readers between passes (the benchmark)
+                 spans: list | None = None):  # (start, stop) of each batch in sending order (default `reader_spans`)
         if workers < 1: raise WsiStudyError("SlotBatches needs at least one reader process; use patch_loader")
         # at most prefetch_factor × workers + 1 batches, all of one pass, are in use or in flight at once: a slide
         # with fewer batches than that gets a ring of one more than its batches, each no bigger than the slide
         n_batches = -(-len(ds) // batch_size)
         self.n_slots, s = min(prefetch_factor * workers + 2, n_batches + 1), ds.out_size
         self.slots = torch.empty(self.n_slots, min(batch_size, len(ds)), s, s, 3, dtype=torch.uint8).share_memory_()
-        self.spans = reader_spans(len(ds), batch_size, workers)
+        self.spans = reader_spans(len(ds), batch_size, workers) if spans is None else spans
         self.loader = DataLoader(_SlotReader(ds, self.slots), batch_size=None, num_workers=workers,
                                  sampler=_SlotTasks(self.spans, self.n_slots), collate_fn=_ticket,
                                  prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)

@@ -139,15 +139,10 @@ class PatchDataset(Dataset):
             if s == self.out_size: return arr
             img = Image.fromarray(arr)
         elif self.backend == "openslide":
-            arr = read_region_rgb(self._reader(), x, y, self.level, s)  # None unless every pixel is opaque
-            if arr is not None:
-                if s == self.out_size: return arr
-                img = Image.fromarray(arr)
-            else:
-                img = self._reader().read_region((x, y), self.level, (s, s))  # RGBA; transparent outside the slide
-                if not self._inside(x, y):  # tiling keeps patches inside the slide, so this is the rare path
-                    img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
-                img = img.convert("RGB")  # PIL's C loop; measured faster than slicing RGB out of the RGBA array
+            # read_region's pixels; white outside the slide (tiling keeps patches inside, so that is the rare case)
+            arr = read_region_rgb(self._reader(), x, y, self.level, s, white=not self._inside(x, y))
+            if s == self.out_size: return arr
+            img = Image.fromarray(arr)
         else:
             with quiet_readers():
                 arr = self._reader().read_rect((x, y), (s, s), resolution=self.level, units="level",
@@ -329,7 +324,8 @@ def reader_spans(n: int,  # patches
     Why: the patches of neighbouring batches lie on the same tiles, and each reader decodes tiles into a cache of its
     own. Handed every other batch, two readers each decoded most tiles of a 50,000-px TIFF's rows: a reader's
     CPU-second yielded 0.61-0.66 x the patches one reader's did, against 0.82-0.97 x with a contiguous half each (8
-    rows of 223 patches, batches of 64; 0.74 against 0.86-0.93 on the NDPI in data/wsi; measured here)."""
+    rows of 223 patches, batches of 64; 0.74 against 0.86-0.93 on the NDPI in data/wsi; a scratch script here).
+    `bench io`'s `alternate` diagnostic measures the two orders side by side on any slide."""
     starts = list(range(0, n, batch_size))
     shares = [s for s in np.array_split(np.asarray(starts, dtype=np.int64), max(1, readers)) if len(s)]
     order = [int(s[i]) for i in range(len(shares[0]) if shares else 0) for s in shares if i < len(s)]
@@ -473,6 +469,7 @@ def embed_slide(slide_path,  # the slide file
     with _stopping(batches), atomic_path(out_h5, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(attrs)
         f.create_dataset("coords", data=coords).attrs.update(trident)
+        # maxshape: h5py allows chunks on an empty (0-patch) dataset only when it could grow
         feats = f.create_dataset("features", shape=(n_total, enc.dim), maxshape=(None, enc.dim), dtype="float32",
                                  chunks=(max(1, min(256, n_total)), enc.dim))
         feats.attrs.update(encoder=enc.name, name=name)

@@ -225,14 +225,15 @@ class DeepAttnMISL(nn.Module):
                  size_prior: bool = False,  # add log(cluster size) to the attention logits (see below)
                  composition: bool = False,  # the heads also read each cluster's share of the patient's patches (see below)
                  k: int = 8,  # phenotype clusters (the width of the composition)
+                 mass: bool = False,  # the heads also read the attention's log-mass (see below)
                 ):
         super().__init__()
-        self.size_prior, self.composition = size_prior, composition
+        self.size_prior, self.composition, self.mass = size_prior, composition, mass
         self.fcn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.Tanh(), nn.Linear(attn_hidden, 1))
         self.rho = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.ReLU(), nn.Dropout(dropout))
-        width = attn_hidden + (k if composition else 0)
+        width = attn_hidden + (k if composition else 0) + int(mass)
         self.head = TaskHead(width, task, ordinal)
         self.aux_head = TaskHead(width, aux_task, ordinal) if aux_task else None
 
@@ -261,6 +262,11 @@ class DeepAttnMISL(nn.Module):
             if n is None: raise WsiStudyError("composition needs the cluster sizes: pass `counts` (or `group`)")
             n = n.to(z.dtype)
             z = torch.cat([z, n / n.sum(1, keepdim=True).clamp(min=1)], 1)
+        if self.mass:  # log of the mean exp(logit) over patches (over non-empty clusters without size_prior)
+            total = n.to(logits.dtype).sum(1) if self.size_prior else mask.sum(1).to(logits.dtype)
+            lse = torch.logsumexp(logits.detach().masked_fill(~mask, float("-inf")), 1)
+            extra["mass"] = lse - torch.log(total.clamp(min=1))
+            z = torch.cat([z, extra["mass"][:, None]], 1)
         out = {"out": self.head(z), "attention": a, **extra}
         if self.aux_head is not None: out["aux_out"] = self.aux_head(z)
         return out

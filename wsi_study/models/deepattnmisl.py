@@ -226,9 +226,10 @@ class DeepAttnMISL(nn.Module):
                  composition: bool = False,  # the heads also read each cluster's share of the patient's patches (see below)
                  k: int = 8,  # phenotype clusters (the width of the composition)
                  mass: bool = False,  # the heads also read the attention's log-mass (see below)
+                 mass_grad: bool = False,  # let the heads' losses reach the attention logits through the log-mass
                 ):
         super().__init__()
-        self.size_prior, self.composition, self.mass = size_prior, composition, mass
+        self.size_prior, self.composition, self.mass, self.mass_grad = size_prior, composition, mass, mass_grad
         self.fcn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.Tanh(), nn.Linear(attn_hidden, 1))
@@ -264,7 +265,7 @@ class DeepAttnMISL(nn.Module):
             z = torch.cat([z, n / n.sum(1, keepdim=True).clamp(min=1)], 1)
         if self.mass:  # log of the mean exp(logit) over patches (over non-empty clusters without size_prior)
             total = n.to(logits.dtype).sum(1) if self.size_prior else mask.sum(1).to(logits.dtype)
-            lse = torch.logsumexp(logits.detach().masked_fill(~mask, float("-inf")), 1)
+            lse = torch.logsumexp((logits if self.mass_grad else logits.detach()).masked_fill(~mask, float("-inf")), 1)
             extra["mass"] = lse - torch.log(total.clamp(min=1))
             z = torch.cat([z, extra["mass"][:, None]], 1)
         out = {"out": self.head(z), "attention": a, **extra}

@@ -227,6 +227,7 @@ class DeepAttnMISL(nn.Module):
                  k: int = 8,  # phenotype clusters (the width of the composition)
                  mass: bool = False,  # the heads also read the attention's log-mass (see below)
                  mass_grad: bool = False,  # let the heads' losses reach the attention logits through the log-mass
+                 split_heads: bool = False,  # the second head reads its own final layer of the pooled vector
                 ):
         super().__init__()
         self.size_prior, self.composition, self.mass, self.mass_grad = size_prior, composition, mass, mass_grad
@@ -234,6 +235,8 @@ class DeepAttnMISL(nn.Module):
                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.Tanh(), nn.Linear(attn_hidden, 1))
         self.rho = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.aux_rho = (nn.Sequential(nn.Linear(hidden, attn_hidden), nn.ReLU(), nn.Dropout(dropout))
+                        if split_heads and aux_task else None)
         width = attn_hidden + (k if composition else 0) + int(mass)
         self.head = TaskHead(width, task, ordinal)
         self.aux_head = TaskHead(width, aux_task, ordinal) if aux_task else None
@@ -258,16 +261,18 @@ class DeepAttnMISL(nn.Module):
             extra["relevance"] = masked_softmax(logits, mask)  # the phenotypes' scores without their sizes
             logits = logits + torch.log(n.to(logits.dtype).clamp(min=1))
         a = masked_softmax(logits, mask)
-        z = self.rho((a[..., None] * torch.where(mask[..., None], h, torch.zeros_like(h))).sum(1))
+        pooled = (a[..., None] * torch.where(mask[..., None], h, torch.zeros_like(h))).sum(1)
+        z, more = self.rho(pooled), []
         if self.composition:
             if n is None: raise WsiStudyError("composition needs the cluster sizes: pass `counts` (or `group`)")
             n = n.to(z.dtype)
-            z = torch.cat([z, n / n.sum(1, keepdim=True).clamp(min=1)], 1)
+            more.append(n / n.sum(1, keepdim=True).clamp(min=1))
         if self.mass:  # log of the mean exp(logit) over patches (over non-empty clusters without size_prior)
             total = n.to(logits.dtype).sum(1) if self.size_prior else mask.sum(1).to(logits.dtype)
             lse = torch.logsumexp((logits if self.mass_grad else logits.detach()).masked_fill(~mask, float("-inf")), 1)
             extra["mass"] = lse - torch.log(total.clamp(min=1))
-            z = torch.cat([z, extra["mass"][:, None]], 1)
-        out = {"out": self.head(z), "attention": a, **extra}
-        if self.aux_head is not None: out["aux_out"] = self.aux_head(z)
+            more.append(extra["mass"][:, None])
+        out = {"out": self.head(torch.cat([z, *more], 1)), "attention": a, **extra}
+        if self.aux_head is not None:
+            out["aux_out"] = self.aux_head(torch.cat([z if self.aux_rho is None else self.aux_rho(pooled), *more], 1))
         return out

@@ -270,9 +270,9 @@ class DeepAttnMISL(nn.Module):
         if self.mass:  # log of the mean exp(logit) over patches (over non-empty clusters without size_prior)
             total = n.to(logits.dtype).sum(1) if self.size_prior else mask.sum(1).to(logits.dtype)
             lse = torch.logsumexp((logits if self.mass_grad else logits.detach()).masked_fill(~mask, float("-inf")), 1)
-            extra["mass"] = lse - torch.log(total.clamp(min=1))
+            extra["mass"] = torch.where(mask.any(1), lse - torch.log(total.clamp(min=1)), torch.zeros_like(lse))  # all empty: 0
             more.append(extra["mass"][:, None])
-        out = {"out": self.head(torch.cat([z, *more], 1)), "attention": a, **extra}
-        if self.aux_head is not None:
-            out["aux_out"] = self.aux_head(torch.cat([z if self.aux_rho is None else self.aux_rho(pooled), *more], 1))
+        def read(z): return torch.cat([z, *more], 1) if more else z
+        out = {"out": self.head(read(z)), "attention": a, **extra}
+        if self.aux_head is not None: out["aux_out"] = self.aux_head(read(z if self.aux_rho is None else self.aux_rho(pooled)))
         return out

@@ -241,6 +241,15 @@ class DeepAttnMISL(nn.Module):
         self.head = TaskHead(width, task, ordinal)
         self.aux_head = TaskHead(width, aux_task, ordinal) if aux_task else None
 
+    def log_mass(self, logits: torch.Tensor,  # (B, k) attention logits (with the sizes' logs under `size_prior`)
+                 mask: torch.Tensor,  # (B, k) non-empty clusters
+                 n: torch.Tensor | None,  # (B, k) patches per cluster
+                ) -> torch.Tensor:
+        "Log of the mean exp(logit) over each patient's patches (over its non-empty clusters without `size_prior`); 0 when all are empty."
+        total = n.to(logits.dtype).sum(1) if self.size_prior else mask.sum(1).to(logits.dtype)
+        lse = torch.logsumexp((logits if self.mass_grad else logits.detach()).masked_fill(~mask, float("-inf")), 1)
+        return torch.where(mask.any(1), lse - torch.log(total.clamp(min=1)), torch.zeros_like(lse))
+
     def forward(self, x: torch.Tensor,  # (B, k, D) cluster vectors, or (N, D) patches with `group`
                 mask: torch.Tensor,  # (B, k) True for non-empty clusters
                 group: torch.Tensor | None = None,  # (N,) patient-in-batch × k + cluster of each patch
@@ -267,10 +276,8 @@ class DeepAttnMISL(nn.Module):
             if n is None: raise WsiStudyError("composition needs the cluster sizes: pass `counts` (or `group`)")
             n = n.to(z.dtype)
             more.append(n / n.sum(1, keepdim=True).clamp(min=1))
-        if self.mass:  # log of the mean exp(logit) over patches (over non-empty clusters without size_prior)
-            total = n.to(logits.dtype).sum(1) if self.size_prior else mask.sum(1).to(logits.dtype)
-            lse = torch.logsumexp((logits if self.mass_grad else logits.detach()).masked_fill(~mask, float("-inf")), 1)
-            extra["mass"] = torch.where(mask.any(1), lse - torch.log(total.clamp(min=1)), torch.zeros_like(lse))  # all empty: 0
+        if self.mass:
+            extra["mass"] = self.log_mass(logits, mask, n)
             more.append(extra["mass"][:, None])
         def read(z): return torch.cat([z, *more], 1) if more else z
         out = {"out": self.head(read(z)), "attention": a, **extra}

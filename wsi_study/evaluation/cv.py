@@ -44,11 +44,12 @@ _log = get_logger("wsi_study.evaluation")
 
 TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, patience=15, min_epochs=10,
                       val_frac=0.2, ordinal=False, ties="breslow", l1=0.0, aux_weight=None, threads=1, members=1,
-                      stop_on="task", refit=False)
+                      stop_on="task", refit=False, stop_together=False)
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          members=5, pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
-                         size_prior=True, composition=False, mass=False, mass_grad=False, split_heads=False, batch_size=64, stack=False),  # 64: whole risk sets for the Cox loss on demo_dev (make tune)
+                         size_prior=True, composition=False, mass=False, mass_grad=False, split_heads=False, batch_size=64, stack=False,
+                         stop_together=True),  # 64: whole risk sets for the Cox loss on demo_dev (make tune)
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
@@ -203,21 +204,26 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
     targets = _targets(bags.labels, device)
     preds, atts, history, best = [], [], [], []
 
-    def train(j, sub, hp, refit=False):  # one network on one role split; its predictions in `everyone`'s order
-        torch.manual_seed(seed + 1000 * j + (500 if refit else 0))
-        net = NETS[model](inputs.dim, task=task, ordinal=hp["ordinal"], aux_task=other_task(task) if hp["aux_weight"] else None,
-                          **_kwargs(NETS[model], hp)).to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    def train(js, group, hp, refit=False):  # networks `js` on role splits `group`, side by side; predictions in `everyone`'s order
+        nets, opts = [], []
+        for j in js:
+            torch.manual_seed(seed + 1000 * j + (500 if refit else 0))
+            nets.append(NETS[model](inputs.dim, task=task, ordinal=hp["ordinal"],
+                                    aux_task=other_task(task) if hp["aux_weight"] else None, **_kwargs(NETS[model], hp)).to(device))
+            opts.append(torch.optim.Adam(nets[-1].parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"]))
         with cpu_threads(hp["threads"], device):
-            r = _fit(net, inputs, sub, targets, opt, task, hp, rng, progress, fold)
-        p = np.asarray(r["pred"])[pd.Series(np.arange(len(r["idx"])), index=r["idx"]).loc[everyone].to_numpy()]
-        if (members > 1 or refit) and task == "survival":  # each model's risk on its own scale: standardise on the fit patients
-            fp = p[:len(fit_idx)]; p = (p - fp.mean()) / (fp.std() or 1.0)
-        preds.append(p); atts.append(r["attention"])
-        history.extend({**h, "member": j, **({"refit": True} if refit else {})} for h in r["history"])
-        return r["best_epoch"]
+            rs = _fit(nets, inputs, group, targets, opts, task, hp, rng, progress, fold)
+        for j, r in zip(js, rs):
+            p = np.asarray(r["pred"])[pd.Series(np.arange(len(r["idx"])), index=r["idx"]).loc[everyone].to_numpy()]
+            if (members > 1 or refit) and task == "survival":  # each model's risk on its own scale: standardise on the fit patients
+                fp = p[:len(fit_idx)]; p = (p - fp.mean()) / (fp.std() or 1.0)
+            preds.append(p); atts.append(r["attention"])
+            history.extend({**h, "member": j, **({"refit": True} if refit else {})} for h in r["history"])
+        return [r["best_epoch"] for r in rs]
 
-    for j, sub in enumerate(subs): best.append(train(j, sub, hp))
+    # stop_together: the members train side by side and stop at one epoch, chosen on all their validation parts at once
+    for js in ([list(range(len(subs)))] if hp["stop_together"] else [[j] for j in range(len(subs))]):
+        best += train(js, [subs[j] for j in js], hp)
     if hp.get("stack"):  # each fit patient's risk from the one member that did not train on it (its validation part)
         pos, oob = pd.Series(np.arange(len(everyone)), index=everyone), np.full(len(everyone), np.nan)
         for sub, p in zip(subs, preds): v = pos.loc[sub["val"]].to_numpy(); oob[v] = p[v]
@@ -225,7 +231,7 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
     if hp["refit"] and done:  # early stopping only measured the length: every fit patient now trains, as many epochs
         preds.clear(); atts.clear()
         full = {"train": fit_idx, "val": fit_idx[:0], "test": np.asarray(idx["test"])}
-        for j in range(max(members, 1)): train(j, full, {**hp, "epochs": max(1, round(float(np.median(done))))}, refit=True)
+        for j in range(max(members, 1)): train([j], [full], {**hp, "epochs": max(1, round(float(np.median(done))))}, refit=True)
     attention = [np.mean([a[i] for a in atts], 0) for i in range(len(idx["test"]))] if atts[0] else []
     pred, coef = np.mean(preds, 0), None
     if hp.get("stack"):
@@ -291,31 +297,42 @@ def member_splits(labels: pd.DataFrame, fit_idx, test_idx, task: str, members: i
     y = labels["stage_index" if task == "stage" else "event"].to_numpy().astype(int)[fit_idx]
     return [{"train": fit_idx[tr], "val": fit_idx[va], "test": np.asarray(test_idx)} for tr, va in kfold(y, members, seed)]
 
-def _fit(net, inputs, idx, targets, opt, task, hp, rng, progress, fold) -> dict:
-    best, state, best_epoch, history, skipped = float("inf"), None, None, [], 0
-    val = np.asarray(idx["val"])
-    everyone = np.concatenate([idx["train"], idx["val"], idx["test"]])
+def _fit(nets, inputs, subs, targets, opts, task, hp, rng, progress, fold) -> list[dict]:
+    """Train `nets` (one per role split of `subs`) epoch by epoch, side by side, and keep for all of them the epoch
+    whose validation loss, averaged over the nets that have one, is lowest; early stopping watches that average
+    (one net: its own validation loss). Per net: its predictions, test attention, history and the epoch kept."""
+    best, states, best_epoch, skipped = float("inf"), None, None, 0
+    vals, histories = [np.asarray(sub["val"]) for sub in subs], [[] for _ in nets]
     for epoch in tqdm(range(int(hp["epochs"])), desc=f"fold {fold}", leave=False, disable=not progress):
-        loss, sk = train_epoch(net, inputs, rng.permutation(idx["train"]), targets, opt, task, hp)
-        skipped += sk
-        vl = None
-        if len(val):
-            out, _ = predict(net, inputs, val, task, hp)
-            y = {k: v[torch.as_tensor(val, device=v.device)] for k, v in targets.items()}
-            v = batch_loss(out, y, net, task, hp, aux=hp["stop_on"] == "total")
-            vl = None if v is None else float(v)
-        history.append({"fold": fold, "epoch": epoch + 1, "train_loss": loss, "val_loss": vl})
+        vls = []
+        for net, opt, sub, val, history in zip(nets, opts, subs, vals, histories):
+            loss, sk = train_epoch(net, inputs, rng.permutation(sub["train"]), targets, opt, task, hp)
+            skipped += sk
+            vl = None
+            if len(val):
+                out, _ = predict(net, inputs, val, task, hp)
+                y = {k: v[torch.as_tensor(val, device=v.device)] for k, v in targets.items()}
+                v = batch_loss(out, y, net, task, hp, aux=hp["stop_on"] == "total")
+                vl = None if v is None else float(v)
+            history.append({"fold": fold, "epoch": epoch + 1, "train_loss": loss, "val_loss": vl})
+            if vl is not None: vls.append(vl)
+        vl = sum(vls) / len(vls) if vls else None
         if vl is not None and vl < best - 1e-6:
-            best, best_epoch, state = vl, epoch + 1, copy.deepcopy(net.state_dict())
+            best, best_epoch, states = vl, epoch + 1, [copy.deepcopy(net.state_dict()) for net in nets]
         elif vl is not None and epoch + 1 >= hp["min_epochs"] and epoch + 1 - (best_epoch or 0) >= hp["patience"]:
             break
-    if state is not None: net.load_state_dict(state)
-    elif len(val): _log.info(f"fold {fold}: no validation loss (no validation events); the last epoch's model is used")
+    if states is not None:
+        for net, state in zip(nets, states): net.load_state_dict(state)
+    elif any(len(val) for val in vals): _log.info(f"fold {fold}: no validation loss (no validation events); the last epoch's model is used")
     if skipped: _log.info(f"fold {fold}: {skipped} training batches (over all epochs) had no event and contributed no Cox loss")
-    out, _ = predict(net, inputs, everyone, task, hp)
-    _, att = predict(net, inputs, idx["test"], task, hp, attention=True)
-    return {"idx": everyone, "pred": task_predict(out["out"], task, hp["ordinal"]), "attention": att, "history": history,
-            "best_epoch": best_epoch}
+    res = []
+    for net, sub, history in zip(nets, subs, histories):
+        everyone = np.concatenate([sub["train"], sub["val"], sub["test"]])
+        out, _ = predict(net, inputs, everyone, task, hp)
+        _, att = predict(net, inputs, sub["test"], task, hp, attention=True)
+        res.append({"idx": everyone, "pred": task_predict(out["out"], task, hp["ordinal"]), "attention": att,
+                    "history": history, "best_epoch": best_epoch})
+    return res
 
 # %% ../../nbs/19_cv.ipynb #25385d5a
 def _truth_dir(manifest, truth) -> Path | None:

@@ -324,7 +324,7 @@ def _fit(nets, inputs, subs, targets, opts, task, hp, rng, progress, fold) -> li
     if states is not None:
         for net, state in zip(nets, states): net.load_state_dict(state)
     elif any(len(val) for val in vals): _log.info(f"fold {fold}: no validation loss (no validation events); the last epoch's model is used")
-    if skipped: _log.info(f"fold {fold}: {skipped} training batches (over all epochs) had no event and contributed no Cox loss")
+    if skipped: _log.info(f"fold {fold}: {skipped} training batches (over all epochs{' and members' if len(nets) > 1 else ''}) had no event and contributed no Cox loss")
     res = []
     for net, sub, history in zip(nets, subs, histories):
         everyone = np.concatenate([sub["train"], sub["val"], sub["test"]])

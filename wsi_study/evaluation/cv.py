@@ -43,13 +43,14 @@ __all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIE
 _log = get_logger("wsi_study.evaluation")
 
 TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, patience=15, min_epochs=10,
-                      val_frac=0.2, ordinal=False, ties="breslow", l1=0.0, aux_weight=None, threads=1, members=1,
-                      stop_on="task", refit=False, stop_together=False)
+                      val_frac=0.2, ordinal=False, ties="breslow", l1=0.0, aux_weight=None, threads=1,
+                      members=5, stop_together=True,  # one protocol for every neural model: 5 members stopping together
+                      stop_on="task", refit=False)
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
-                         members=5, pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
-                         size_prior=True, composition=False, mass=False, mass_grad=False, split_heads=False, batch_size=64, stack=False,
-                         stop_together=True),  # 64: whole risk sets for the Cox loss on demo_dev (make tune)
+                         pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
+                         size_prior=True, composition=False, mass=False, mass_grad=False, split_heads=False,
+                         batch_size=64, stack=False),  # 64: whole risk sets for the Cox loss on demo_dev (make tune)
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),

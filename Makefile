@@ -48,13 +48,16 @@ gpu-check: install  ## on a machine with a CUDA GPU: embed_slide's CUDA path aga
 	$(BIN)/wsi-study bench embed --device cuda --out results/bench_cuda
 
 DEV_FEATURES := results/demo_dev/features/2mpp_224px_0px/efficientnet_lite0
-tune: install   ## choose the MIL defaults on demo_dev (another generator seed, 100 patients), never on demo (~25 min; 13-18 with its features built)
-	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --only 10_tiling --only 20_embedding --out results
+tune: install   ## choose the MIL defaults on demo_dev (100 patients) and check the stage head's weight on demo_small_dev (40), never on demo (~50 min; ~45 with their features built)
+	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --cohort demo_small_dev --only 10_tiling --only 20_embedding --out results
 	$(BIN)/wsi-study tune data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model meanpool \
 		--grid pca=8,16,32,64 --grid penalizer=0.1,1.0 --out results/demo_dev/tune/meanpool_survival
 	$(BIN)/wsi-study tune data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model deepattnmisl \
 		--grid size_prior=false,true --grid aux_weight=0.5,0.7,1 --grid batch_size=16,64 --min-localisation 0.9 \
 		--out results/demo_dev/tune/deepattnmisl_survival
+	$(BIN)/wsi-study tune data/demo_small_dev/manifest.csv --features results/demo_small_dev/features/2mpp_224px_0px/efficientnet_lite0 \
+		--model deepattnmisl --grid aux_weight=0.5,0.7,1 --grid batch_size=16,64 --seeds $(SEEDS) \
+		--out results/demo_small_dev/tune/deepattnmisl_aux
 
 DEMO_FEATURES := results/demo/features/2mpp_224px_0px/efficientnet_lite0
 SEEDS := 0 1 2 3 4 5 6 7 8 9

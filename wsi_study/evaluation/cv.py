@@ -50,7 +50,7 @@ MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
                          size_prior=True, composition=False, mass=False, mass_grad=False, split_heads=False,
-                         stack=False),  # batches of 16 (TRAIN_DEFAULTS) and aux_weight 0.7: make tune, see below
+                         batch_size=64, stack=False),  # 64: whole risk sets for the Cox loss (make tune, see below)
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
@@ -81,7 +81,7 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
             raise WsiStudyError(f"hyperparameter {k}={v!r}: {model}'s {k} is a {kind} (default {d!r})")
     hp.update({k: v for k, v in overrides.items() if v is not None})
     if hp["aux_weight"] is None:  # DeepAttnMISL's stage head trains beside its Cox head; everything else is single-task
-        hp["aux_weight"] = 0.7 if model == "deepattnmisl" and task == "survival" else 0.0
+        hp["aux_weight"] = 1.0 if model == "deepattnmisl" and task == "survival" else 0.0
     if hp.get("stack") and (task != "survival" or int(hp["members"]) < 2):
         raise WsiStudyError("stack fits a Cox model on the members' out-of-member risks: it needs task='survival' "
                             f"and members >= 2 (got task={task!r}, members={hp['members']})")

@@ -61,7 +61,7 @@ tune: install   ## choose the MIL defaults on demo_dev (100 patients) and check 
 
 DEMO_FEATURES := results/demo/features/2mpp_224px_0px/efficientnet_lite0
 SEEDS := 0 1 2 3 4 5 6 7 8 9
-repeats: install  ## after make study: the demo's survival models cross-validated once per split seed 0-9, then compare-seeds (~6-8 min)
+repeats: install  ## after make study: the demo's survival models cross-validated once per split seed 0-9, then compare-seeds (~10 min)
 	for m in deepattnmisl abmil meanpool stage_cox; do \
 		$(BIN)/wsi-study train data/demo/manifest.csv --features $(DEMO_FEATURES) --model $$m --task survival \
 			--seeds $(SEEDS) --out results/demo/repeats/$${m}_survival || exit $$?; \

@@ -16,8 +16,8 @@ from ..manifest import STAGES
 
 # %% auto #0
 __all__ = ['PROB_COLS', 'harrell_cindex', 'bootstrap', 'fold_spread', 'survival_metrics', 'patient_truth', 'oracle_cindex',
-           'oracle_gap', 'risk_components', 'truth_cox_risk', 'truth_cox', 'auc_ovr_macro', 'stage_metrics',
-           'plot_confusion', 'compare_runs']
+           'oracle_gap', 'risk_components', 'fold_cox_risk', 'truth_cox_risk', 'truth_cox', 'auc_ovr_macro',
+           'stage_metrics', 'plot_confusion', 'compare_runs']
 
 # %% ../../nbs/17_metrics.ipynb #5d4559f4
 def harrell_cindex(time,  # follow-up times
@@ -149,6 +149,24 @@ def risk_components(truth_csv,  # a synthetic cohort's truth.csv (patient_id, st
                                             if within else float("nan")}
 
 # %% ../../nbs/17_metrics.ipynb #7c0e11a2
+def fold_cox_risk(X: np.ndarray,  # (n, p) covariates
+                  time, event,  # (n,) follow-up and 1 = death observed
+                  fold: np.ndarray,  # (n,) each patient's test fold
+                  penalizer=0.01,  # lifelines' L2 penalty, one for all columns or one per column
+                 ) -> np.ndarray:
+    """Out-of-fold Cox risk: for each fold, a Cox model (lifelines) fitted on the other folds' patients, its linear
+    predictor on the fold's patients, standardised on the fitted patients as `train_cv` does with a model's risk. NaN
+    for a fold whose other folds hold no event."""
+    from wsi_study.models.baselines import cox_coefficients
+    t, e, fold, out = np.asarray(time, float), np.asarray(event, float), np.asarray(fold), np.full(len(X), np.nan)
+    for f in np.unique(fold):
+        fit, test = fold != f, fold == f
+        if e[fit].sum() == 0: continue  # nothing to fit a Cox model on: these patients stay NaN
+        c = cox_coefficients(X[fit], t[fit], e[fit], penalizer)
+        lp = X[fit] @ c
+        out[test] = (X[test] @ c - lp.mean()) / (lp.std() or 1.0)
+    return out
+
 def truth_cox_risk(truth_csv,  # a synthetic cohort's truth.csv (stage, tumour_fraction), or its `patient_truth`
                    pred: pd.DataFrame,  # out-of-fold predictions: patient_id (index or column), fold, survival_months, event
                    penalizer: float = 0.01,  # lifelines' L2 penalty (on standardised columns), for stability only
@@ -156,18 +174,11 @@ def truth_cox_risk(truth_csv,  # a synthetic cohort's truth.csv (stage, tumour_f
     """Each patient's risk from a Cox model on the true stage (one-hot) and tumour burden, fitted on the patients of
     the other folds of `pred`; standardised on those patients, as `train_cv` does with a model's risk. Empty without
     the stage and burden columns."""
-    from wsi_study.models.baselines import cox_coefficients
     g = patient_truth(truth_csv)
     if {"stage", "burden"} - set(g): return pd.Series(dtype=float)
     p = (pred.set_index("patient_id") if "patient_id" in pred else pred)[["fold", "survival_months", "event"]].join(g, how="inner")
     X = np.column_stack([pd.get_dummies(p.stage).to_numpy(float), p.burden.to_numpy(float)])
-    t, e, fold, out = p.survival_months.to_numpy(float), p.event.to_numpy(float), p.fold.to_numpy(), np.full(len(p), np.nan)
-    for f in np.unique(fold):
-        fit, test = fold != f, fold == f
-        if e[fit].sum() == 0: continue  # nothing to fit a Cox model on: these patients stay NaN
-        c = cox_coefficients(X[fit], t[fit], e[fit], penalizer)
-        lp = X[fit] @ c
-        out[test] = (X[test] @ c - lp.mean()) / (lp.std() or 1.0)
+    out = fold_cox_risk(X, p.survival_months, p.event, p.fold.to_numpy(), penalizer)
     return pd.Series(out, index=p.index, name="truth_cox_risk")
 
 def truth_cox(truth_csv,  # a synthetic cohort's truth.csv, or its `patient_truth`

@@ -227,10 +227,12 @@ class DeepAttnMISL(nn.Module):
                  k: int = 8,  # phenotype clusters (the width of the composition)
                  mass: bool = False,  # the heads also read the attention's log-mass (see below)
                  mass_grad: bool = False,  # let the heads' losses reach the attention logits through the log-mass
+                 mass_scale: float = 1.0,  # the heads read the log-mass multiplied by this (see below)
                  split_heads: bool = False,  # the second head reads its own final layer of the pooled vector
                 ):
         super().__init__()
         self.size_prior, self.composition, self.mass, self.mass_grad = size_prior, composition, mass, mass_grad
+        self.mass_scale = float(mass_scale)
         self.fcn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.Tanh(), nn.Linear(attn_hidden, 1))
@@ -278,7 +280,7 @@ class DeepAttnMISL(nn.Module):
             more.append(n / n.sum(1, keepdim=True).clamp(min=1))
         if self.mass:
             extra["mass"] = self.log_mass(logits, mask, n)
-            more.append(extra["mass"][:, None])
+            more.append(self.mass_scale * extra["mass"][:, None])
         def read(z): return torch.cat([z, *more], 1) if more else z
         out = {"out": self.head(read(z)), "attention": a, **extra}
         if self.aux_head is not None: out["aux_out"] = self.aux_head(read(z if self.aux_rho is None else self.aux_rho(pooled)))

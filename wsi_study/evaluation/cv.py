@@ -49,8 +49,8 @@ TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, pati
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
-                         size_prior=True, composition=False, mass=False, mass_grad=False, mass_scale=1.0, split_heads=False,
-                         batch_size=64, stack=False),  # 64: whole risk sets for the Cox loss (make tune; nbs/19_cv.ipynb)
+                         size_prior=True, composition=False, mass=True, mass_grad=False, mass_scale=10.0, split_heads=False,
+                         batch_size=64, stack=False),  # 64: whole risk sets for the Cox loss; mass ×10 (both: nbs/19_cv.ipynb)
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),

@@ -50,7 +50,7 @@ MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
                          size_prior=True, composition=False, mass=True, mass_grad=False, mass_scale=10.0, split_heads=False,
-                         batch_size=64, stack=False),  # 64: whole risk sets for the Cox loss; mass ×10 (both: nbs/19_cv.ipynb)
+                         batch_size=64, stack=False, stack_on="shares"),  # 64: whole risk sets for the Cox loss; mass ×10 (both: nbs/19_cv.ipynb)
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
@@ -85,6 +85,10 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
     if hp.get("stack") and (task != "survival" or int(hp["members"]) < 2):
         raise WsiStudyError("stack fits a Cox model on the members' out-of-member risks: it needs task='survival' "
                             f"and members >= 2 (got task={task!r}, members={hp['members']})")
+    if hp.get("stack_on", "shares") not in ("shares", "mass"):
+        raise WsiStudyError(f"stack_on must be 'shares' or 'mass', got {hp['stack_on']!r}")
+    if hp.get("stack") and hp.get("stack_on") == "mass" and not hp.get("mass"):
+        raise WsiStudyError("stack_on='mass' stacks the attention's log-mass: it needs mass=True")
     if hp["stop_on"] not in ("task", "total"):
         raise WsiStudyError(f"stop_on must be 'task' or 'total', got {hp['stop_on']!r}")
     for k in ("epochs", "batch_size"): whole_number(hp[k], k, 1)  # 0 epochs: an untrained model's metrics
@@ -180,7 +184,7 @@ def predict(net, inputs, idx, task: str, hp: dict, attention: bool = False) -> t
     for s in range(0, len(idx), bs):
         b = np.asarray(idx[s:s + bs])
         o = net(**inputs.batch(b))
-        for k in ("out", "aux_out"):
+        for k in ("out", "aux_out", "mass"):
             if k in o: outs.setdefault(k, []).append(o[k])
         if attention:  # a size prior's weights favour big clusters: patches are scored by the phenotype's relevance
             atts += inputs.patch_attention(o.get("relevance", o["attention"]), b, hp.get("patch_attention", "cluster"), net)
@@ -203,7 +207,7 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
     subs = [idx] if members <= 1 else member_splits(bags.labels, fit_idx, idx["test"], task, members, seed)
     inputs = make_inputs(bags, model, idx["train"] if members <= 1 else fit_idx, hp, seed, device)
     targets = _targets(bags.labels, device)
-    preds, atts, history, best = [], [], [], []
+    preds, atts, history, best, masses = [], [], [], [], []
 
     def train(js, group, hp, refit=False):  # networks `js` on role splits `group`, side by side; predictions in `everyone`'s order
         nets, opts = [], []
@@ -215,7 +219,9 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         with cpu_threads(hp["threads"], device):
             rs = _fit(nets, inputs, group, targets, opts, task, hp, rng, progress, fold)
         for j, r in zip(js, rs):
-            p = np.asarray(r["pred"])[pd.Series(np.arange(len(r["idx"])), index=r["idx"]).loc[everyone].to_numpy()]
+            order = pd.Series(np.arange(len(r["idx"])), index=r["idx"]).loc[everyone].to_numpy()
+            p = np.asarray(r["pred"])[order]
+            if r["mass"] is not None: masses.append(r["mass"][order])
             if (members > 1 or refit) and task == "survival":  # each model's risk on its own scale: standardise on the fit patients
                 fp = p[:len(fit_idx)]; p = (p - fp.mean()) / (fp.std() or 1.0)
             preds.append(p); atts.append(r["attention"])
@@ -227,23 +233,28 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         best += train(js, [subs[j] for j in js], hp)
     if hp.get("stack"):  # each fit patient's risk from the one member that did not train on it (its validation part)
         pos, oob = pd.Series(np.arange(len(everyone)), index=everyone), np.full(len(everyone), np.nan)
-        for sub, p in zip(subs, preds): v = pos.loc[sub["val"]].to_numpy(); oob[v] = p[v]
+        oob_mass = np.full(len(everyone), np.nan)
+        for j, (sub, p) in enumerate(zip(subs, preds)):
+            v = pos.loc[sub["val"]].to_numpy(); oob[v] = p[v]
+            if masses: oob_mass[v] = masses[j][v]
     done = [b for b in best if b is not None]
     if hp["refit"] and done:  # early stopping only measured the length: every fit patient now trains, as many epochs
-        preds.clear(); atts.clear()
+        preds.clear(); atts.clear(); masses.clear()
         full = {"train": fit_idx, "val": fit_idx[:0], "test": np.asarray(idx["test"])}
         for j in range(max(members, 1)): train([j], [full], {**hp, "epochs": max(1, round(float(np.median(done))))}, refit=True)
     attention = [np.mean([a[i] for a in atts], 0) for i in range(len(idx["test"]))] if atts[0] else []
     pred, coef = np.mean(preds, 0), None
     if hp.get("stack"):
-        pred, coef = stack_risk(oob, pred, inputs.share[torch.as_tensor(everyone)].cpu().numpy(), len(fit_idx),
-                                bags.labels.iloc[fit_idx], hp["stack"], seed)
-        _log.info(f"fold {fold}: stacked Cox, shares' penalty {coef['penalty']}: " +
+        if hp.get("stack_on") == "mass":  # the training patients' log-mass from the same out-of-member models
+            cov, names = np.where(np.arange(len(everyone)) < len(fit_idx), oob_mass, np.mean(masses, 0))[:, None], ["mass"]
+        else: cov, names = inputs.share[torch.as_tensor(everyone)].cpu().numpy(), None
+        pred, coef = stack_risk(oob, pred, cov, len(fit_idx), bags.labels.iloc[fit_idx], hp["stack"], seed, names=names)
+        _log.info(f"fold {fold}: stacked Cox, {hp.get('stack_on', 'shares')}' penalty {coef['penalty']}: " +
                   ", ".join(f"{k} {v:+.2f}" for k, v in coef.items() if k != "penalty"))
     return {"idx": everyone, "pred": pred, "attention": attention, "history": history, "stack": coef,
             "best_epoch": float(np.mean(done)) if done else None, "seconds": time.perf_counter() - t0}
 
-STACK_PENALTIES = (0.03, 0.1, 0.3, 1.0)  # the shares' L2 penalties `stack=True` chooses from (or none of them)
+STACK_PENALTIES = (0.03, 0.1, 0.3, 1.0)  # the covariates' L2 penalties `stack=True` chooses from (or none of them)
 
 def _log_lik(lp, t, e) -> float:
     "Breslow log partial likelihood of linear predictors `lp` (0 without events)."
@@ -252,21 +263,25 @@ def _log_lik(lp, t, e) -> float:
 
 def stack_risk(oob: np.ndarray,  # each patient's risk from a model that did not train on them (training patients first)
                ens: np.ndarray,  # the ensemble's risk of the same patients (used for the test patients)
-               share: np.ndarray,  # (n, k) each patient's share of patches in every phenotype cluster
+               covariates: np.ndarray,  # (n, c): each cluster's share of the patient's patches, or its log-mass (n, 1)
                n_fit: int,  # the first `n_fit` patients are the fold's training patients
                labels: pd.DataFrame,  # their `survival_months` and `event`
-               penalty: float | bool = True,  # the shares' L2 penalty; True: chosen by inner cross-validation
-               seed: int = 0, inner: int = 5) -> tuple[np.ndarray, dict]:
-    """A Cox model (lifelines) on [out-of-member risk, cluster shares], fitted on the training patients; the shares
+               penalty: float | bool = True,  # the covariates' L2 penalty; True: chosen by inner cross-validation
+               seed: int = 0, inner: int = 5,
+               names: list[str] | None = None,  # the covariates' names (default share_0 … share_{c-1})
+              ) -> tuple[np.ndarray, dict]:
+    """A Cox model (lifelines) on [out-of-member risk, covariates], fitted on the training patients; the covariates
     carry an L2 penalty and the risk hardly any. Returns its linear predictor for every patient (the training patients
     from their out-of-member risk, the test patients from the ensemble's) and what it chose: `penalty` (None: the
-    shares were left out) and the coefficients per sd of each input. With `penalty=True` the candidates are the
-    risk alone and the risk with the shares under each of `STACK_PENALTIES`, compared by the cross-validated partial
+    covariates were left out) and the coefficients per sd of each input. With `penalty=True` the candidates are the
+    risk alone and the risk with the covariates under each of `STACK_PENALTIES`, compared by the cross-validated partial
     likelihood over `inner` folds of the training patients (Verweij & van Houwelingen 1993): a few dozen patients pick
     a heavy penalty or none, where a fixed light one overfits the k shares."""
     if np.isnan(oob[:n_fit]).any(): raise WsiStudyError("stack needs an out-of-member risk for every training patient")
-    keep = np.flatnonzero(share[:n_fit].std(0) > 1e-9)  # a cluster no training patient varies in says nothing
-    X = np.column_stack([np.where(np.arange(len(oob)) < n_fit, oob, ens), share[:, keep]])
+    if np.isnan(covariates[:n_fit]).any(): raise WsiStudyError("stack needs every training patient's covariates")
+    keep = np.flatnonzero(covariates[:n_fit].std(0) > 1e-9)  # a covariate no training patient varies in says nothing
+    names = [f"share_{j}" for j in range(covariates.shape[1])] if names is None else list(names)
+    X = np.column_stack([np.where(np.arange(len(oob)) < n_fit, oob, ens), covariates[:, keep]])
     X = (X - X[:n_fit].mean(0)) / X[:n_fit].std(0).clip(min=1e-9)
     t, e = labels.survival_months.to_numpy(float), labels.event.to_numpy(float)
     candidates = [None, *STACK_PENALTIES] if penalty is True else [float(penalty)]
@@ -282,7 +297,7 @@ def stack_risk(oob: np.ndarray,  # each patient's risk from a model that did not
                        for tr, _ in splits for b in [cox_coefficients(Z[tr], t[tr], e[tr], pens(p))])
         if splits: best = max(candidates, key=cvpl)
     coef = cox_coefficients(cols(best)[:n_fit], t, e, pens(best))
-    names = ["risk"] + ([] if best is None else [f"share_{j}" for j in keep])
+    names = ["risk"] + ([] if best is None else [names[j] for j in keep])
     return cols(best) @ coef, {"penalty": best, **dict(zip(names, coef.round(4).tolist()))}
 
 def kfold(y: np.ndarray, n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -332,7 +347,8 @@ def _fit(nets, inputs, subs, targets, opts, task, hp, rng, progress, fold) -> li
         out, _ = predict(net, inputs, everyone, task, hp)
         _, att = predict(net, inputs, sub["test"], task, hp, attention=True)
         res.append({"idx": everyone, "pred": task_predict(out["out"], task, hp["ordinal"]), "attention": att,
-                    "history": history, "best_epoch": best_epoch})
+                    "history": history, "best_epoch": best_epoch,
+                    "mass": out["mass"].cpu().numpy() if "mass" in out else None})
     return res
 
 # %% ../../nbs/19_cv.ipynb #25385d5a

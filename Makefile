@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test export clean-results bench gpu-check tune repeats twins lock
+.PHONY: install study demo test export clean-results bench gpu-check tune repeats twins check lock
 
 install: $(STAMP)
 
@@ -70,12 +70,26 @@ repeats: install  ## after make study: the demo's survival models cross-validate
 		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --target "truth_cox_gap<=0" \
 		--out results/demo/repeats/compare
 
+TWINS := demo_dev demo_small_dev demo_small_dev3
 twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 100, 40 and 40 patients (~15 min with their features built; building adds ~12)
-	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --cohort demo_small_dev --cohort demo_small_dev3 --only 10_tiling --only 20_embedding --out results
-	for c in demo_dev demo_small_dev demo_small_dev3; do \
+	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
+	for c in $(TWINS); do \
 		$(BIN)/wsi-study train data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \
 			--model deepattnmisl --task survival --seeds $(SEEDS) --out results/$$c/repeats/deepattnmisl_survival || exit $$?; \
 	done
+
+CHECK_NAME ?= candidate
+CHECK_GRID ?=
+check: install  ## after make twins: a candidate default (CHECK_NAME=..., CHECK_GRID="--grid k=v ...") on the twins over split seeds 0-9, then the rule (check-default) against make twins (~20 min)
+	@test -n "$(CHECK_GRID)" || { echo 'error: name the candidate, e.g. make check CHECK_NAME=stackmass CHECK_GRID="--grid stack=true --grid stack_on=mass"' >&2; exit 2; }
+	@for c in $(TWINS); do test -f results/$$c/repeats/deepattnmisl_survival/sweep.csv || \
+		{ echo "error: results/$$c/repeats/deepattnmisl_survival has no runs; run make twins first" >&2; exit 2; }; done
+	for c in $(TWINS); do \
+		$(BIN)/wsi-study tune data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \
+			--model deepattnmisl $(CHECK_GRID) --seeds $(SEEDS) --out results/$$c/tune/$(CHECK_NAME) || exit $$?; \
+	done
+	$(BIN)/wsi-study check-default $(foreach c,$(TWINS),--pair results/$(c)/repeats/deepattnmisl_survival results/$(c)/tune/$(CHECK_NAME)) \
+		--out results/check/$(CHECK_NAME)
 
 test: install   ## nbdev drift check, notebook tests, pytest
 	$(BIN)/python tests/check_drift.py

@@ -291,6 +291,16 @@ def test_cli_train_seeds_is_repeated_cross_validation(cohort, tmp_path):
     r = subprocess.run([CLI, "-q", "compare-seeds", str(tmp_path / "rep"), str(tmp_path / "bad"), "--out", str(tmp_path / "x")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no sweep.csv" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # check-default: the same pair as one cohort; the verdict follows the paired difference, exit 1 when it fails
+    chk = [CLI, "-q", "check-default", "--pair", str(tmp_path / "stage"), str(tmp_path / "rep"), "--out", str(tmp_path / "chk")]
+    r = subprocess.run(chk + ["--max-localisation-drop", "none"], capture_output=True, text=True)
+    verdict = json.loads((tmp_path / "chk" / "check.json").read_text())
+    assert verdict["pass"] == (diff.mean() >= 0) and r.returncode == (0 if verdict["pass"] else 1), r.stderr
+    assert np.isclose(pd.read_csv(tmp_path / "chk" / "check.csv").diff_mean[0], diff.mean())
+    assert ("PASS" if verdict["pass"] else "FAIL") in r.stdout
+    for bad, says in (([], "no attention localisation"), (["--max-localisation-drop", "lots"], "give a number")):
+        r = subprocess.run(chk + bad, capture_output=True, text=True)
+        assert r.returncode == 2 and says in r.stderr, r.stderr
 
 
 def test_ensemble_members_never_see_the_test_fold(cohort, tmp_path):

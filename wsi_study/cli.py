@@ -14,7 +14,7 @@ from .core import WsiStudyError, get_logger, project_root
 
 # %% auto #0
 __all__ = ['cmd_validate', 'default_real_slides', 'cmd_demo_data', 'cmd_tile', 'cmd_embed', 'cmd_train', 'cmd_tune',
-           'cmd_compare_seeds', 'bench_params', 'cmd_bench', 'cmd_run', 'build_parser', 'main']
+           'cmd_compare_seeds', 'cmd_check_default', 'bench_params', 'cmd_bench', 'cmd_run', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #68503ea8
 def cmd_validate(args) -> int:
@@ -125,6 +125,24 @@ def cmd_compare_seeds(args) -> int:
     print(paired.loc[:, :"below"].to_string(index=False, float_format=plain, formatters=signed))
     print(f"{args.out}/repeats_models.csv, repeats_paired.csv, figures/paired.png")
     return 0
+
+def _drop(text: str) -> float | None:
+    "`--max-localisation-drop`: a number, or none to leave localisation out of the rule."
+    if text.strip().lower() == "none": return None
+    try: return float(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"{text!r}: give a number such as 0.01, or none") from None
+
+def cmd_check_default(args) -> int:
+    "A candidate default against the current one on each development cohort: the rule's verdict; exit 1 when it fails."
+    from wsi_study.evaluation.tune import check_default
+    table, v = check_default(args.pair, min_mean_diff=args.min_mean_diff, min_positive=args.min_positive,
+                             max_localisation_drop=args.max_localisation_drop, out_dir=args.out)
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    print(f"mean paired difference {v['mean_diff']:+.4f} over {v['cohorts']} cohorts, positive on {v['positive']} "
+          f"(needs {v['min_positive']}); worst localisation change "
+          + ("not checked" if v["worst_localisation_diff"] is None else f"{v['worst_localisation_diff']:+.4f}"))
+    print(("PASS" if v["pass"] else "FAIL: " + "; ".join(v["reasons"])) + f"  ({args.out}/check.csv, check.json)")
+    return 0 if v["pass"] else 1
 
 # the options of `wsi-study bench`, the benchmarks that take each, and the keyword it becomes where the names differ
 _BENCH_OPTIONS = {"slide": ("io", "embed"), "mpp": ("embed",), "encoder": ("embed",), "weights": ("embed",),
@@ -262,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="count the seeds meeting it, e.g. oracle_gap<=0.05 or localisation_auc>=0.85 (repeatable)")
     cs.add_argument("--out", required=True, help="folder for repeats_models.csv, repeats_paired.csv and figures/paired.png")
     cs.set_defaults(func=cmd_compare_seeds)
+    ck = sub.add_parser("check-default", help="the rule a change of default passes: a candidate paired against the "
+                        "default over the same split seeds on each development cohort (exit 1 when it fails)")
+    ck.add_argument("--pair", nargs=2, action="append", required=True, metavar=("BASELINE", "CANDIDATE"),
+                    help="the default's and the candidate's folders (train --seeds or a one-setting tune) of one cohort; repeat per cohort")
+    ck.add_argument("--min-mean-diff", type=float, default=0.0, help="the cohorts' mean paired difference must reach this")
+    ck.add_argument("--min-positive", type=int, default=None, help="cohorts with a positive difference (default: more than half)")
+    ck.add_argument("--max-localisation-drop", type=_drop, default=0.01, metavar="AUC",
+                    help="no cohort's mean localisation may fall by more (none: not checked)")
+    ck.add_argument("--out", required=True, help="folder for check.csv and check.json")
+    ck.set_defaults(func=cmd_check_default)
     b = sub.add_parser("bench", help="benchmarks: io, embed, tiling, mil (ratios against baselines, same run)")
     b.add_argument("names", nargs="+", choices=["io", "embed", "tiling", "mil"], metavar="{io,embed,tiling,mil}")
     b.add_argument("--out", default="results/bench", help="where bench_<name>.json and .md go")

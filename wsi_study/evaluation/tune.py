@@ -25,7 +25,7 @@ from ..report import save_figure
 
 # %% auto #0
 __all__ = ['TRUTH_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint', 'code_fingerprint', 'sweep',
-           'run_dir', 'repeat_cv', 'parse_target', 'compare_repeats']
+           'run_dir', 'repeat_cv', 'parse_target', 'compare_repeats', 'rule_verdict', 'check_default']
 
 # %% ../../nbs/21_tune.ipynb #d1e2f006
 _log = get_logger("wsi_study.evaluation")
@@ -302,3 +302,68 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
         _plot(diffs, list(paired.model), "diff", out, name="paired", zero=True,
               xlabel=f"{key} minus {reference}'s on the same split seed\n(dots: seeds; bar: mean)")
     return models, paired
+
+# %% ../../nbs/21_tune.ipynb #9de6d7ca
+def rule_verdict(table: pd.DataFrame,  # one row per cohort: `cohort`, `diff_mean` and, when checked, `localisation_diff`
+                 min_mean_diff: float = 0.0,  # the cohorts' mean paired difference must reach this
+                 min_positive: int | None = None,  # cohorts with a positive mean difference (default: more than half)
+                 max_localisation_drop: float | None = 0.01,  # no cohort's localisation may fall by more (None: not checked)
+                ) -> dict:
+    "Whether a candidate default passes the rule, with the figures it was judged on and a reason per failed part."
+    need = len(table) // 2 + 1 if min_positive is None else int(min_positive)
+    mean, positive = float(table.diff_mean.mean()), int((table.diff_mean > 0).sum())
+    reasons = []
+    if not mean >= min_mean_diff: reasons.append(f"mean paired difference {mean:+.4f} < {min_mean_diff:+.4f}")
+    if positive < need: reasons.append(f"positive on {positive} of {len(table)} cohorts, needs {need}")
+    worst = None
+    if max_localisation_drop is not None:
+        worst = float(table.localisation_diff.min())
+        for _, r in table[table.localisation_diff < -max_localisation_drop].iterrows():
+            reasons.append(f"{r.cohort}: localisation {r.localisation_diff:+.4f}, falls by more than {max_localisation_drop}")
+    return {"pass": not reasons, "mean_diff": mean, "positive": positive, "cohorts": len(table), "min_positive": need,
+            "min_mean_diff": min_mean_diff, "max_localisation_drop": max_localisation_drop,
+            "worst_localisation_diff": worst, "reasons": reasons}
+
+def check_default(pairs,  # (baseline folder, candidate folder) per development cohort: `repeat_cv` or one-setting sweep folders
+                  min_mean_diff: float = 0.0, min_positive: int | None = None,
+                  max_localisation_drop: float | None = 0.01,
+                  out_dir=None,  # write check.csv and check.json here
+                 ) -> tuple[pd.DataFrame, dict]:
+    "Pair a candidate with the default seed by seed on each development cohort and apply `rule_verdict`."
+    pairs = [(Path(b), Path(c)) for b, c in pairs]
+    if not pairs: raise WsiStudyError("give at least one --pair BASELINE CANDIDATE (one per development cohort)")
+    rows = []
+    for base, cand in pairs:
+        models, paired = compare_repeats({"baseline": base, "candidate": cand}, reference="baseline")
+        p, m = paired.iloc[0], models.set_index("model")
+        key = next(c[:-5] for c in models.columns if c.endswith("_mean"))
+        row = {"cohort": _cohort_name(base), "seeds": int(p.seeds), f"{key}_baseline": m.loc["baseline", f"{key}_mean"],
+               f"{key}_candidate": m.loc["candidate", f"{key}_mean"], "diff_mean": p.diff_mean, "above": int(p.above),
+               "below": int(p.below)}
+        if max_localisation_drop is not None:
+            seeds = [int(c[4:]) for c in paired.columns if c.startswith("seed") and c[4:].isdigit()]
+            loc = {}
+            for name, folder in (("baseline", base), ("candidate", cand)):
+                runs = _repeat_runs(folder)[0]
+                if "localisation_auc" not in runs or runs.loc[seeds, "localisation_auc"].isna().any():
+                    raise WsiStudyError(f"{folder}: no attention localisation for every seed (no ground truth?); "
+                                        "check without it (--max-localisation-drop none)")
+                loc[name] = float(runs.loc[seeds, "localisation_auc"].mean())
+            row.update(localisation_baseline=loc["baseline"], localisation_candidate=loc["candidate"],
+                       localisation_diff=loc["candidate"] - loc["baseline"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    verdict = {**rule_verdict(table, min_mean_diff, min_positive, max_localisation_drop),
+               "pairs": [[str(b), str(c)] for b, c in pairs]}
+    if out_dir is not None:
+        out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "check.csv") as tmp: table.to_csv(tmp, index=False)
+        with atomic_path(out / "check.json") as tmp: Path(tmp).write_text(json.dumps(verdict, indent=1))
+    return table, verdict
+
+def _cohort_name(folder: Path) -> str:
+    "The cohort a run folder belongs to: the folder under `results/` (results/demo_dev/repeats/... → demo_dev)."
+    parts = folder.resolve().parts
+    for marker in ("repeats", "tune"):
+        if marker in parts and parts.index(marker) > 0: return parts[parts.index(marker) - 1]
+    return str(folder)

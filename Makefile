@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test export clean-results bench gpu-check tune repeats twins check lock
+.PHONY: install study demo test export clean-results bench gpu-check tune repeats twins check draws lock
 
 install: $(STAMP)
 
@@ -74,6 +74,14 @@ TWINS := demo_dev demo_small_dev demo_small_dev3
 twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 100, 40 and 40 patients (~15 min with their features built; building adds ~12)
 	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
 	for c in $(TWINS); do \
+		$(BIN)/wsi-study train data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \
+			--model deepattnmisl --task survival --seeds $(SEEDS) --out results/$$c/repeats/deepattnmisl_survival || exit $$?; \
+	done
+
+DRAWS := demo_draw4 demo_draw5 demo_draw6 demo_draw7 demo_draw8
+draws: install  ## DeepAttnMISL over split seeds 0-9 on five fresh demo-sized draws, evaluation only (~60 min, building their features included)
+	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(DRAWS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
+	for c in $(DRAWS); do \
 		$(BIN)/wsi-study train data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \
 			--model deepattnmisl --task survival --seeds $(SEEDS) --out results/$$c/repeats/deepattnmisl_survival || exit $$?; \
 	done

@@ -79,7 +79,7 @@ twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 1
 	done
 
 DRAWS := demo_draw4 demo_draw5 demo_draw6 demo_draw7 demo_draw8
-draws: install  ## DeepAttnMISL over split seeds 0-9 on five fresh demo-sized draws, evaluation only (~50 min, building their features included)
+draws: install  ## DeepAttnMISL over split seeds 0-9 on five fresh demo-sized draws, evaluation only (~31 min, building their features included)
 	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(DRAWS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
 	for c in $(DRAWS); do \
 		$(BIN)/wsi-study train data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \

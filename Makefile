@@ -58,6 +58,8 @@ tune: install   ## choose the MIL defaults on demo_dev (100 patients) and check 
 	$(BIN)/wsi-study tune data/demo_small_dev/manifest.csv --features results/demo_small_dev/features/2mpp_224px_0px/efficientnet_lite0 \
 		--model deepattnmisl --grid aux_weight=0.5,0.7,1 --grid batch_size=16,64 --seeds $(SEEDS) \
 		--out results/demo_small_dev/tune/deepattnmisl_aux
+	@echo 'A proposal that is not the default becomes it only if it passes the rule: make twins, then'
+	@echo '  make check CHECK_NAME=<name> CHECK_GRID="--grid <key>=<value> ..."   (README, "check-default")'
 
 DEMO_FEATURES := results/demo/features/2mpp_224px_0px/efficientnet_lite0
 SEEDS := 0 1 2 3 4 5 6 7 8 9

@@ -72,21 +72,22 @@ repeats: install  ## after make study: the demo's survival models cross-validate
 		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --target "truth_cox_gap<=0" \
 		--out results/demo/repeats/compare
 
-TWINS := demo_dev demo_small_dev demo_small_dev3
-twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 100, 40 and 40 patients (~15 min with their features built; building adds ~12)
-	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
-	for c in $(TWINS); do \
+# the cohorts' features (built when missing), then DeepAttnMISL cross-validated on each over split seeds 0-9
+define deepattnmisl_repeats
+	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(1),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
+	for c in $(1); do \
 		$(BIN)/wsi-study train data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \
 			--model deepattnmisl --task survival --seeds $(SEEDS) --out results/$$c/repeats/deepattnmisl_survival || exit $$?; \
 	done
+endef
+
+TWINS := demo_dev demo_small_dev demo_small_dev3
+twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 100, 40 and 40 patients (~15 min with their features built; building adds ~12)
+	$(call deepattnmisl_repeats,$(TWINS))
 
 DRAWS := demo_draw4 demo_draw5 demo_draw6 demo_draw7 demo_draw8
 draws: install  ## DeepAttnMISL over split seeds 0-9 on five fresh demo-sized draws, evaluation only (~31 min, building their features included)
-	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(DRAWS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
-	for c in $(DRAWS); do \
-		$(BIN)/wsi-study train data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \
-			--model deepattnmisl --task survival --seeds $(SEEDS) --out results/$$c/repeats/deepattnmisl_survival || exit $$?; \
-	done
+	$(call deepattnmisl_repeats,$(DRAWS))
 
 CHECK_NAME ?= candidate
 CHECK_GRID ?=

@@ -240,6 +240,7 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
                     reference: str | None = None,  # the model the others are paired against (default: the first)
                     targets=(),  # e.g. ("oracle_gap<=0.05", "localisation_auc>=0.85"): seeds meeting each, per model
                     out_dir=None,  # write repeats_models.csv, repeats_paired.csv and figures/paired.png here
+                    means=(),  # other metrics whose mean over the seeds each model's row also gives (`<metric>_mean`)
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Per model: the headline metric over the split seeds and the seeds meeting each target; per other model: its per-seed difference from `reference`."
     if not isinstance(folders, dict):  # named by folder; two folders of one name (other cohorts, say) by their paths
@@ -282,6 +283,7 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
         v = r.loc[seeds, key]
         row = {"model": name, "seeds": len(seeds), f"{key}_mean": v.mean(), f"{key}_sd": v.std(), f"{key}_min": v.min(),
                f"{key}_max": v.max()}
+        row.update({f"{k}_mean": r.loc[seeds, k].mean(skipna=False) if k in r else np.nan for k in means if k != key})
         for metric, op, value in targets:
             m = r.loc[seeds, metric] if metric in r else pd.Series(np.nan, index=seeds)
             row[f"{metric}{op}{value:g}"] = int(_OPS[op](m, value).sum()) if m.notna().all() else pd.NA
@@ -334,23 +336,20 @@ def check_default(pairs,  # (baseline folder, candidate folder) per development 
     if not pairs: raise WsiStudyError("give at least one --pair BASELINE CANDIDATE (one per development cohort)")
     rows = []
     for base, cand in pairs:
-        models, paired = compare_repeats({"baseline": base, "candidate": cand}, reference="baseline")
+        loc = ("localisation_auc",) if max_localisation_drop is not None else ()
+        models, paired = compare_repeats({"baseline": base, "candidate": cand}, reference="baseline", means=loc)
         p, m = paired.iloc[0], models.set_index("model")
-        key = next(c[:-5] for c in models.columns if c.endswith("_mean"))
+        key = next(k for k in HEADLINE.values() if f"{k}_mean" in m)
         row = {"cohort": _cohort_name(base), "seeds": int(p.seeds), f"{key}_baseline": m.loc["baseline", f"{key}_mean"],
                f"{key}_candidate": m.loc["candidate", f"{key}_mean"], "diff_mean": p.diff_mean, "above": int(p.above),
                "below": int(p.below)}
-        if max_localisation_drop is not None:
-            seeds = [int(c[4:]) for c in paired.columns if c.startswith("seed") and c[4:].isdigit()]
-            loc = {}
+        if loc:  # a seed without localisation makes the mean NaN
             for name, folder in (("baseline", base), ("candidate", cand)):
-                runs = _repeat_runs(folder)[0]
-                if "localisation_auc" not in runs or runs.loc[seeds, "localisation_auc"].isna().any():
+                if pd.isna(m.loc[name, "localisation_auc_mean"]):
                     raise WsiStudyError(f"{folder}: no attention localisation for every seed (no ground truth?); "
                                         "check without it (--max-localisation-drop none)")
-                loc[name] = float(runs.loc[seeds, "localisation_auc"].mean())
-            row.update(localisation_baseline=loc["baseline"], localisation_candidate=loc["candidate"],
-                       localisation_diff=loc["candidate"] - loc["baseline"])
+            b, c = (float(m.loc[n, "localisation_auc_mean"]) for n in ("baseline", "candidate"))
+            row.update(localisation_baseline=b, localisation_candidate=c, localisation_diff=c - b)
         rows.append(row)
     table = pd.DataFrame(rows)
     verdict = {**rule_verdict(table, min_mean_diff, min_positive, max_localisation_drop),

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test export clean-results bench gpu-check tune repeats twins check draws lock
+.PHONY: install study demo test export clean-results bench gpu-check tune repeats twins check draws cohorts lock
 
 install: $(STAMP)
 
@@ -88,6 +88,11 @@ twins: install  ## DeepAttnMISL over split seeds 0-9 on the development twins, 1
 DRAWS := demo_draw4 demo_draw5 demo_draw6 demo_draw7 demo_draw8
 draws: install  ## DeepAttnMISL over split seeds 0-9 on five fresh demo-sized draws, evaluation only (~31 min, building their features included)
 	$(call deepattnmisl_repeats,$(DRAWS))
+
+SMALL := demo demo_small_dev demo_small_dev3 $(DRAWS)
+cohorts: install  ## after make repeats, twins and draws: DeepAttnMISL's ten-seed means on each demo-sized cohort, one row each (seconds)
+	$(BIN)/wsi-study summarise-seeds $(foreach c,$(SMALL),results/$(c)/repeats/deepattnmisl_survival) \
+		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --out results/cohorts
 
 CHECK_NAME ?= candidate
 CHECK_GRID ?=

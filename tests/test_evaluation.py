@@ -301,6 +301,16 @@ def test_cli_train_seeds_is_repeated_cross_validation(cohort, tmp_path):
     for bad, says in (([], "no attention localisation"), (["--max-localisation-drop", "lots"], "give a number")):
         r = subprocess.run(chk + bad, capture_output=True, text=True)
         assert r.returncode == 2 and says in r.stderr, r.stderr
+    # summarise-seeds: one row per folder, unpaired; the means and counts are those of each folder's own seeds
+    summ = [CLI, "-q", "summarise-seeds", str(tmp_path / "rep"), str(tmp_path / "stage"), "--out", str(tmp_path / "sum")]
+    r = subprocess.run(summ + ["--target", "oracle_gap<=0.05"], capture_output=True, text=True)
+    assert r.returncode == 0 and "cohorts.csv" in r.stdout, r.stderr
+    table = pd.read_csv(tmp_path / "sum" / "cohorts.csv")
+    assert table.seeds.tolist() == [3, 3] and "oracle_cindex_mean" in table and "localisation_auc_mean" not in table
+    assert np.isclose(table.cindex_mean[0], np.mean([m["cindex"] for m in per_seed]))
+    assert table["oracle_gap<=0.05"][0] == sum(m["oracle_gap"] <= 0.05 for m in per_seed)
+    r = subprocess.run(summ + ["--metric", "localisation"], capture_output=True, text=True)
+    assert r.returncode == 2 and "metric 'localisation' is in none" in r.stderr, r.stderr
 
 
 def test_ensemble_members_never_see_the_test_fold(cohort, tmp_path):

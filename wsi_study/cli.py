@@ -14,7 +14,8 @@ from .core import WsiStudyError, get_logger, project_root
 
 # %% auto #0
 __all__ = ['cmd_validate', 'default_real_slides', 'cmd_demo_data', 'cmd_tile', 'cmd_embed', 'cmd_train', 'cmd_tune',
-           'cmd_compare_seeds', 'cmd_check_default', 'bench_params', 'cmd_bench', 'cmd_run', 'build_parser', 'main']
+           'cmd_compare_seeds', 'cmd_summarise_seeds', 'cmd_check_default', 'bench_params', 'cmd_bench', 'cmd_run',
+           'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #68503ea8
 def cmd_validate(args) -> int:
@@ -124,6 +125,14 @@ def cmd_compare_seeds(args) -> int:
     print(models.to_string(index=False, float_format=plain))
     print(paired.loc[:, :"below"].to_string(index=False, float_format=plain, formatters=signed))
     print(f"{args.out}/repeats_models.csv, repeats_paired.csv, figures/paired.png")
+    return 0
+
+def cmd_summarise_seeds(args) -> int:
+    "One model run with train --seeds on several cohorts: per cohort, its metrics' means and the seeds meeting each target."
+    from wsi_study.evaluation.tune import summarise_cohorts
+    table = summarise_cohorts(args.folders, targets=args.target, metrics=args.metric, out_dir=args.out)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"{args.out}/cohorts.csv")
     return 0
 
 def _drop(text: str) -> float | None:
@@ -280,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="count the seeds meeting it, e.g. oracle_gap<=0.05 or localisation_auc>=0.85 (repeatable)")
     cs.add_argument("--out", required=True, help="folder for repeats_models.csv, repeats_paired.csv and figures/paired.png")
     cs.set_defaults(func=cmd_compare_seeds)
+    ss = sub.add_parser("summarise-seeds", help="one model run with train --seeds on several cohorts: per cohort, "
+                        "the metrics' means over its seeds and the seeds meeting each target (unpaired)")
+    ss.add_argument("folders", nargs="+", help="OUT folders of `wsi-study train ... --seeds`, one per cohort")
+    ss.add_argument("--target", action="append", default=[], metavar="METRIC<=V",
+                    help="count the seeds meeting it, e.g. oracle_gap<=0.05 (repeatable)")
+    ss.add_argument("--metric", action="append", default=[],
+                    help="a metric to average (repeatable; default: the headline, oracle, ceiling, localisation and burden ones there are)")
+    ss.add_argument("--out", required=True, help="folder for cohorts.csv")
+    ss.set_defaults(func=cmd_summarise_seeds)
     ck = sub.add_parser("check-default", help="the rule a change of default passes: a candidate paired against the "
                         "default over the same split seeds on each development cohort (exit 1 when it fails)")
     ck.add_argument("--pair", nargs=2, action="append", required=True, metavar=("BASELINE", "CANDIDATE"),

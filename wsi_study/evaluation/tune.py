@@ -24,8 +24,9 @@ from ..models.bags import Bags, load_bags
 from ..report import save_figure
 
 # %% auto #0
-__all__ = ['TRUTH_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint', 'code_fingerprint', 'sweep',
-           'run_dir', 'repeat_cv', 'parse_target', 'compare_repeats', 'rule_verdict', 'check_default']
+__all__ = ['TRUTH_METRICS', 'SUMMARY_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint',
+           'code_fingerprint', 'sweep', 'run_dir', 'repeat_cv', 'parse_target', 'compare_repeats', 'rule_verdict',
+           'check_default', 'summarise_cohorts']
 
 # %% ../../nbs/21_tune.ipynb #d1e2f006
 _log = get_logger("wsi_study.evaluation")
@@ -236,6 +237,32 @@ def _test_folds(root: Path, runs: pd.DataFrame, seed: int) -> pd.Series:
     s = pd.read_csv(f, dtype={"patient_id": str})
     return s[s.role == "test"].set_index("patient_id").fold.sort_index()
 
+def _known_metrics(metrics, runs: dict, what: str) -> None:
+    "A metric some folders lack (localisation, for mean-pool) counts as NA there; one that none has is a typo: say so."
+    for metric in metrics:
+        if not any(metric in r for r in runs.values()):
+            known = sorted({c for r in runs.values() for c in r.select_dtypes("number").columns})
+            raise WsiStudyError(f"{what} {metric!r} is in none of the folders' sweep.csv; they have "
+                                f"{', '.join(known[:15])}{' ...' if len(known) > 15 else ''}")
+
+def _one_headline(folders: dict, runs: dict, reference: str) -> str:
+    "The headline metric the folders share (one task), each folder's seeds run on one set of data."
+    heads = {name: next((k for k in HEADLINE.values() if k in r and r[k].notna().any()), None) for name, r in runs.items()}
+    key = heads[reference]
+    for name, k in heads.items():
+        if k != key: raise WsiStudyError(f"{folders[name]} has {k} and {folders[reference]} has {key}: compare models of one task")
+        if runs[name].data.nunique() != 1:
+            raise WsiStudyError(f"{folders[name]}: its seeds were run on different data; rerun `wsi-study train ... --seeds` there")
+    return key
+
+def _seeds_meeting(r: pd.DataFrame, seeds, targets) -> dict:
+    "Per parsed target, how many of `seeds` meet it (NA when a seed lacks the metric)."
+    out = {}
+    for metric, op, value in targets:
+        m = r.loc[seeds, metric] if metric in r else pd.Series(np.nan, index=seeds)
+        out[f"{metric}{op}{value:g}"] = int(_OPS[op](m, value).sum()) if m.notna().all() else pd.NA
+    return out
+
 def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or name → folder) of one cohort and task
                     reference: str | None = None,  # the model the others are paired against (default: the first)
                     targets=(),  # e.g. ("oracle_gap<=0.05", "localisation_auc>=0.85"): seeds meeting each, per model
@@ -253,18 +280,9 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     targets = [parse_target(t) for t in targets]
     read = {name: _repeat_runs(f) for name, f in folders.items()}
     runs, roots = {n: r[0] for n, r in read.items()}, {n: r[1] for n, r in read.items()}
-    for metric, _, _ in targets:  # a metric some models lack (localisation, for mean-pool) counts as NA; none: a typo
-        if not any(metric in r for r in runs.values()):
-            known = sorted({c for r in runs.values() for c in r.select_dtypes("number").columns})
-            raise WsiStudyError(f"target metric {metric!r} is in none of the folders' sweep.csv; they have "
-                                f"{', '.join(known[:15])}{' ...' if len(known) > 15 else ''}")
-    heads = {name: next((k for k in HEADLINE.values() if k in r and r[k].notna().any()), None) for name, r in runs.items()}
-    key = heads[reference]
-    for name, k in heads.items():
-        if k != key: raise WsiStudyError(f"{folders[name]} has {k} and {folders[reference]} has {key}: compare models of one task")
+    _known_metrics([m for m, _, _ in targets], runs, "target metric")
+    key = _one_headline(folders, runs, reference)
     for name, r in runs.items():
-        if r.data.nunique() != 1:
-            raise WsiStudyError(f"{folders[name]}: its seeds were run on different data; rerun `wsi-study train ... --seeds` there")
         if r.data.iloc[0] != runs[reference].data.iloc[0]:
             raise WsiStudyError(f"{folders[name]} and {folders[reference]} were run on other data (features, labels or ground "
                                 "truth); paired differences need one cohort and one set of features")
@@ -284,10 +302,7 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
         row = {"model": name, "seeds": len(seeds), f"{key}_mean": v.mean(), f"{key}_sd": v.std(), f"{key}_min": v.min(),
                f"{key}_max": v.max()}
         row.update({f"{k}_mean": r.loc[seeds, k].mean(skipna=False) if k in r else np.nan for k in means if k != key})
-        for metric, op, value in targets:
-            m = r.loc[seeds, metric] if metric in r else pd.Series(np.nan, index=seeds)
-            row[f"{metric}{op}{value:g}"] = int(_OPS[op](m, value).sum()) if m.notna().all() else pd.NA
-        models.append(row)
+        models.append({**row, **_seeds_meeting(r, seeds, targets)})
     paired = []
     for name, r in runs.items():
         if name == reference: continue
@@ -366,3 +381,38 @@ def _cohort_name(folder: Path) -> str:
     for marker in ("repeats", "tune"):
         if marker in parts and parts.index(marker) > 0: return parts[parts.index(marker) - 1]
     return str(folder)
+
+# %% ../../nbs/21_tune.ipynb #c0h0r702
+# what a researcher reads off a survival run on a cohort with ground truth, where the runs have it
+SUMMARY_METRICS = ("oracle_cindex", "cindex", "oracle_gap", "truth_cox_cindex", "truth_cox_gap", "localisation_auc",
+                   "burden_weight", "burden_weight_true")
+
+def summarise_cohorts(folders,  # `repeat_cv` folders of one model and task, one per cohort (a list, or name → folder)
+                      targets=(),  # e.g. ("oracle_gap<=0.05",): the seeds meeting each, per cohort
+                      metrics=(),  # the metrics to average (default: the headline and those of SUMMARY_METRICS some run has)
+                      out_dir=None,  # write cohorts.csv here
+                     ) -> pd.DataFrame:
+    "Per cohort: each metric's mean over its split seeds, the headline's sd and the seeds meeting each target (unpaired)."
+    if not isinstance(folders, dict):  # named by cohort (results/<cohort>/repeats/...); two of one name by their paths
+        names = [_cohort_name(Path(f)) for f in folders]
+        folders = {(n if names.count(n) == 1 else str(f)): f for n, f in zip(names, folders)}
+    folders = {k: Path(v) for k, v in folders.items()}
+    if not folders: raise WsiStudyError("give at least one repeated cross-validation folder (train --seeds ... --out DIR)")
+    runs = {name: _repeat_runs(f)[0] for name, f in folders.items()}
+    targets = [parse_target(t) for t in targets]
+    _known_metrics([m for m, _, _ in targets], runs, "target metric")
+    key = _one_headline(folders, runs, next(iter(folders)))
+    if metrics: _known_metrics(metrics, runs, "metric")
+    else: metrics = [m for m in SUMMARY_METRICS if any(m in r and r[m].notna().any() for r in runs.values())]
+    metrics = [key] + [m for m in metrics if m != key]
+    rows = []
+    for name, r in runs.items():
+        seeds = list(r.index)
+        row = {"cohort": name, "seeds": len(seeds),
+               **{f"{m}_mean": r[m].mean(skipna=False) if m in r else np.nan for m in metrics}, f"{key}_sd": r[key].std()}
+        rows.append({**row, **_seeds_meeting(r, seeds, targets)})
+    table = pd.DataFrame(rows)
+    if out_dir is not None:
+        out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "cohorts.csv") as tmp: table.to_csv(tmp, index=False)
+    return table

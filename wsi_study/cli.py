@@ -132,7 +132,7 @@ def cmd_summarise_seeds(args) -> int:
     from wsi_study.evaluation.tune import summarise_cohorts
     table = summarise_cohorts(args.folders, targets=args.target, metrics=args.metric, out_dir=args.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"{args.out}/cohorts.csv")
+    print(f"{args.out}/cohorts.csv, figures/cohorts_<metric>.png (per target: each cohort's seeds)")
     return 0
 
 def _drop(text: str) -> float | None:

@@ -188,13 +188,13 @@ def _rank(runs: pd.DataFrame, key: str, min_localisation: float | None = None) -
 def _plot(runs: pd.DataFrame,  # one row per run: `config` and the value `key`
           order: list, key: str, out: Path, title: str = "",
           name: str = "sweep",  # figures/<name>.png
-          xlabel: str | None = None, zero: bool = False):  # `zero`: a line at 0 (for differences)
+          xlabel: str | None = None, line: float | None = None):  # a vertical line there (0 for differences; a target)
     "Each configuration's runs (one dot per split seed) and their mean, in `order` from the top."
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(order) + 1.3))
     for i, c in enumerate(order):
         v = runs.loc[runs.config == c, key]
         ax.plot(v, [i] * len(v), "o", color="0.6", ms=4); ax.plot([v.mean()], [i], "|", color="C3", ms=14, mew=2)
-    if zero: ax.axvline(0, color="k", lw=0.8)
+    if line is not None: ax.axvline(line, color="k", lw=0.8)
     ax.set_yticks(range(len(order)), order, fontsize=8); ax.invert_yaxis()
     ax.set_xlabel(xlabel or f"{key} (dots: split seeds, bar: mean)", fontsize=8)
     if title: ax.set_title(title)
@@ -316,7 +316,7 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
         for df, n in ((models, "repeats_models.csv"), (paired, "repeats_paired.csv")):
             with atomic_path(out / n) as tmp: df.to_csv(tmp, index=False)
         diffs = pd.DataFrame([{"config": r["model"], "diff": r[f"seed{s}"]} for r in paired.to_dict("records") for s in seeds])
-        _plot(diffs, list(paired.model), "diff", out, name="paired", zero=True,
+        _plot(diffs, list(paired.model), "diff", out, name="paired", line=0,
               xlabel=f"{key} minus {reference}'s on the same split seed\n(dots: seeds; bar: mean)")
     return models, paired
 
@@ -415,4 +415,7 @@ def summarise_cohorts(folders,  # `repeat_cv` folders of one model and task, one
     if out_dir is not None:
         out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "cohorts.csv") as tmp: table.to_csv(tmp, index=False)
+        for metric, _, value in targets or [(key, None, None)]:  # per target: each cohort's seeds against its line
+            per = pd.DataFrame([{"config": n, metric: v} for n, r in runs.items() if metric in r for v in r[metric].dropna()])
+            if len(per): _plot(per, list(runs), metric, out, name=f"cohorts_{metric}", line=value)
     return table

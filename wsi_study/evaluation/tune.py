@@ -263,6 +263,12 @@ def _seeds_meeting(r: pd.DataFrame, seeds, targets) -> dict:
         out[f"{metric}{op}{value:g}"] = int(_OPS[op](m, value).sum()) if m.notna().all() else pd.NA
     return out
 
+def _named(folders, name_of) -> dict:
+    "name → Path: a dict as given; a list named by `name_of(path)`, where two share a name, by their paths."
+    if isinstance(folders, dict): return {k: Path(v) for k, v in folders.items()}
+    names = [name_of(Path(f)) for f in folders]
+    return {(n if names.count(n) == 1 else str(f)): Path(f) for n, f in zip(names, folders)}
+
 def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or name → folder) of one cohort and task
                     reference: str | None = None,  # the model the others are paired against (default: the first)
                     targets=(),  # e.g. ("oracle_gap<=0.05", "localisation_auc>=0.85"): seeds meeting each, per model
@@ -270,10 +276,7 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
                     means=(),  # other metrics whose mean over the seeds each model's row also gives (`<metric>_mean`)
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Per model: the headline metric over the split seeds and the seeds meeting each target; per other model: its per-seed difference from `reference`."
-    if not isinstance(folders, dict):  # named by folder; two folders of one name (other cohorts, say) by their paths
-        names = [Path(f).name for f in folders]
-        folders = {(n if names.count(n) == 1 else str(f)): f for n, f in zip(names, folders)}
-    folders = {k: Path(v) for k, v in folders.items()}
+    folders = _named(folders, lambda f: f.name)  # by folder; two folders of one name (other cohorts, say) by their paths
     if len(folders) < 2: raise WsiStudyError("give at least two repeated cross-validation folders to compare")
     reference = reference or next(iter(folders))
     if reference not in folders: raise WsiStudyError(f"reference {reference!r} is not one of {', '.join(folders)}")
@@ -349,9 +352,8 @@ def check_default(pairs,  # (baseline folder, candidate folder) per development 
     "Pair a candidate with the default seed by seed on each development cohort and apply `rule_verdict`."
     pairs = [(Path(b), Path(c)) for b, c in pairs]
     if not pairs: raise WsiStudyError("give at least one --pair BASELINE CANDIDATE (one per development cohort)")
-    rows = []
+    rows, loc = [], ("localisation_auc",) if max_localisation_drop is not None else ()
     for base, cand in pairs:
-        loc = ("localisation_auc",) if max_localisation_drop is not None else ()
         models, paired = compare_repeats({"baseline": base, "candidate": cand}, reference="baseline", means=loc)
         p, m = paired.iloc[0], models.set_index("model")
         key = next(k for k in HEADLINE.values() if f"{k}_mean" in m)
@@ -393,10 +395,7 @@ def summarise_cohorts(folders,  # `repeat_cv` folders of one model and task, one
                       out_dir=None,  # write cohorts.csv here
                      ) -> pd.DataFrame:
     "Per cohort: each metric's mean over its split seeds, the headline's sd and the seeds meeting each target (unpaired)."
-    if not isinstance(folders, dict):  # named by cohort (results/<cohort>/repeats/...); two of one name by their paths
-        names = [_cohort_name(Path(f)) for f in folders]
-        folders = {(n if names.count(n) == 1 else str(f)): f for n, f in zip(names, folders)}
-    folders = {k: Path(v) for k, v in folders.items()}
+    folders = _named(folders, _cohort_name)  # by cohort (results/<cohort>/repeats/...); two of one name by their paths
     if not folders: raise WsiStudyError("give at least one repeated cross-validation folder (train --seeds ... --out DIR)")
     runs = {name: _repeat_runs(f)[0] for name, f in folders.items()}
     targets = [parse_target(t) for t in targets]

@@ -99,10 +99,12 @@ def attention_figure(out_dir,  # a `train_cv` output folder (with attention/)
 
 # %% ../../nbs/18_attention.ipynb #884645fa
 def patch_truth(truth_npz,  # a demo cohort truth file
-                coords, patch_size_level0: int) -> np.ndarray:
-    "True for patches whose centre lies in the tumour or an immune region."
+                coords, patch_size_level0: int,
+                masks=("tumour", "immune"),  # the truth file's masks to test against (their union)
+               ) -> np.ndarray:
+    "True for patches whose centre lies in one of `masks` (by default the tumour or an immune region)."
     with np.load(truth_npz) as t:
-        mask, ds = t["tumour"] | t["immune"], float(t["downsample"])
+        mask, ds = np.logical_or.reduce([t[m] for m in masks]), float(t["downsample"])
     c = (np.asarray(coords, dtype=float) + patch_size_level0 / 2) / ds
     col = np.clip(c[:, 0].astype(int), 0, mask.shape[1] - 1)
     row = np.clip(c[:, 1].astype(int), 0, mask.shape[0] - 1)

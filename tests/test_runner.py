@@ -65,13 +65,18 @@ def test_only_and_bad_configs(tmp_path, tiny_cohort):
     failing_notebook(cfg / "boom.ipynb")
     (cfg / "study.yaml").write_text(f"studies:\n  - {{name: qc, notebook: {QC}}}\n  - {{name: boom, notebook: boom.ipynb}}\n")
     (cfg / "cohorts" / "tiny.yaml").write_text(f"name: tiny\nmanifest: {tiny_cohort}\n")
-    res = run_cli("-q", "run", cfg / "study.yaml", "--cohort", "tiny", "--only", "qc", "--out", tmp_path / "r")
+    res = run_cli("-q", "run", cfg / "study.yaml", "--cohort", "tiny", "--only", "qc", "--out", tmp_path / "r",
+                  "--param", "max_thumbnails=3")
     assert res.returncode == 0, res.stderr
     assert not (tmp_path / "r" / "tiny" / "boom").exists()
+    run = json.loads((tmp_path / "r" / "tiny" / "run.json").read_text())
+    assert run["studies"][0]["parameters"]["max_thumbnails"] == 3  # --param reaches the study that declares it
     bad = {
         ("--only", "nope"): "no study named nope",
         ("--cohort", "absent"): "config file not found",
         ("--seed", "-1"): "--seed must be a whole number of at least 0",
+        ("--param", "max_thumbnails"): "write NAME=VALUE",
+        ("--param", "max_thumbnail=3"): "--param max_thumbnail: no study run here declares it",
     }
     for extra, msg in bad.items():
         args = ["run", cfg / "study.yaml", "--out", tmp_path / "r2", *extra]

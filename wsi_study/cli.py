@@ -194,10 +194,22 @@ def cmd_bench(args) -> int:
         print((out / f"bench_{name}.md").read_text())
     return 0
 
+def _params(items) -> dict:
+    "`['target_mpp=1.0']` → `{'target_mpp': 1.0}`: each value read as YAML, as the study and cohort configs are."
+    import yaml
+    out = {}
+    for it in items or []:
+        name, sep, value = it.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise WsiStudyError(f"--param {it!r}: write NAME=VALUE (for example target_mpp=1.0)")
+        out[name.strip()] = yaml.safe_load(value)
+    return out
+
 def cmd_run(args) -> int:
     "Run the studies of a study YAML for each cohort through papermill."
     from wsi_study.runner import run_studies
-    runs = run_studies(args.config, args.cohort, only=args.only, out=args.out, seed=args.seed, progress=not args.quiet)
+    runs = run_studies(args.config, args.cohort, only=args.only, out=args.out, seed=args.seed, progress=not args.quiet,
+                       params=_params(args.param))
     for name in runs: print(Path(args.out).resolve() / name)
     return 0
 
@@ -332,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", action="append", help="run only this study; repeat for several")
     r.add_argument("--out", default="results", help="results folder (default: results)")
     r.add_argument("--seed", type=int, default=0, help="seed injected into every study")
+    r.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="set a study parameter over the study's and cohort's own (e.g. target_mpp=1.0); repeat for more")
     r.set_defaults(func=cmd_run)
     return p
 

@@ -169,9 +169,12 @@ def run_studies(study_config,  # path to configs/study.yaml
                 out="results",  # results root; each cohort gets out/<cohort>/
                 seed: int = 0,  # injected into every study
                 progress: bool = True,
+                params: dict | None = None,  # set in every study that declares them, over the study's and cohort's own
+                                             # (e.g. {"target_mpp": 1.0}: the same studies at another resolution)
                ) -> dict[str, dict]:
     "Run the studies for each cohort; writes run.json and summary.csv per cohort; raises `StudyError` if any failed."
     whole_number(seed, "--seed")  # before any study starts, not as a failure inside every notebook
+    params = dict(params or {})
     study_config = Path(study_config).resolve()
     studies = all_studies = load_studies(study_config)
     if only:
@@ -179,6 +182,11 @@ def run_studies(study_config,  # path to configs/study.yaml
         if unknown:
             raise ConfigError(f"{study_config}: no study named {', '.join(unknown)}; known: {', '.join(s['name'] for s in studies)}")
         studies = [s for s in studies if s["name"] in only]
+    declares = {s["name"]: _declared(s["notebook"]) for s in studies}
+    unused = sorted(set(params) - set().union(*declares.values()))
+    if unused:  # a misspelt name would otherwise change nothing and say nothing
+        raise ConfigError(f"--param {', '.join(unused)}: no study run here declares it in its parameters cell "
+                          f"({', '.join(declares)}); check the name")
     configs = [load_cohort(c, configs_dir=study_config.parent) for c in cohorts]
     out, runs, failures = Path(out).resolve(), {}, []
     bar = tqdm(total=len(configs) * len(studies), desc="studies", disable=not progress)
@@ -192,11 +200,12 @@ def run_studies(study_config,  # path to configs/study.yaml
         for study in studies:
             bar.set_postfix_str(f"{name}/{study['name']}")
             sdir = cdir / study["name"]
-            declared = _declared(study["notebook"])
-            params = {"cohort": name, "manifest": cohort["manifest"], "out_dir": str(sdir), "seed": seed,
-                      **study["params"],  # a cohort knows its slides best: its params win, where the study has them
-                      **{k: v for k, v in cohort["params"].items() if k in declared}}
-            rec = run_study(study, params, sdir)
+            declared = declares[study["name"]]
+            given = {"cohort": name, "manifest": cohort["manifest"], "out_dir": str(sdir), "seed": seed,
+                     **study["params"],  # a cohort knows its slides best: its params win, where the study has them
+                     **{k: v for k, v in cohort["params"].items() if k in declared},
+                     **{k: v for k, v in params.items() if k in declared}}  # and the caller's over both
+            rec = run_study(study, given, sdir)
             rec.update(git_sha=run["git_sha"], packages=run["packages"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             records[study["name"]] = rec
             run["studies"] = [records[n] for n in order if n in records]

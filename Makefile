@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test export clean-results bench gpu-check tune repeats twins check draws cohorts lock
+.PHONY: install study demo test export clean-results bench gpu-check tune repeats twins check tiling-check draws cohorts lock
 
 install: $(STAMP)
 
@@ -106,6 +106,17 @@ check: install  ## after make twins: a candidate default (CHECK_NAME=..., CHECK_
 	done
 	$(BIN)/wsi-study check-default $(foreach c,$(TWINS),--pair results/$(c)/repeats/deepattnmisl_survival results/$(c)/tune/$(CHECK_NAME)) \
 		--out results/check/$(CHECK_NAME)
+
+CHECK_MPP ?= 1
+tiling-check: install  ## after make twins: the twins tiled and embedded at CHECK_MPP µm/px (default 1; the studies use 2), DeepAttnMISL's defaults unchanged, then the rule (check-default) against make twins (~70 min, most of it the features)
+	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding \
+		--param target_mpp=$(CHECK_MPP) --out results/tiling_$(CHECK_MPP)mpp
+	for c in $(TWINS); do \
+		$(BIN)/wsi-study tune data/$$c/manifest.csv --features results/tiling_$(CHECK_MPP)mpp/$$c/features/$(CHECK_MPP)mpp_224px_0px/efficientnet_lite0 \
+			--model deepattnmisl --grid mass=true --seeds $(SEEDS) --out results/$$c/tune/$(CHECK_MPP)mpp || exit $$?; \
+	done
+	$(BIN)/wsi-study check-default $(foreach c,$(TWINS),--pair results/$(c)/repeats/deepattnmisl_survival results/$(c)/tune/$(CHECK_MPP)mpp) \
+		--other-features --out results/check/$(CHECK_MPP)mpp
 
 test: install   ## nbdev drift check, notebook tests, pytest
 	$(BIN)/python tests/check_drift.py

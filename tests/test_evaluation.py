@@ -285,6 +285,9 @@ def test_cli_train_seeds_is_repeated_cross_validation(cohort, tmp_path):
     models = pd.read_csv(tmp_path / "cmp" / "repeats_models.csv").set_index("model")
     assert models.loc["rep", "oracle_gap<=0.05"] == sum(m["oracle_gap"] <= 0.05 for m in per_seed)
     assert "diff_mean" in r.stdout and (tmp_path / "cmp" / "figures" / "paired.png").is_file()
+    r = subprocess.run(cmp + ["--reference", "stage", "--other-features", "--out", str(tmp_path / "cmp2")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # the same patients and labels: --other-features pairs them the same way
+    assert np.isclose(pd.read_csv(tmp_path / "cmp2" / "repeats_paired.csv").diff_mean[0], diff.mean())
     for bad, says in ((["--target", "gap"], "METRIC<=VALUE"), (["--reference", "nope"], "reference 'nope'")):
         r = subprocess.run(cmp + bad, capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
@@ -298,6 +301,8 @@ def test_cli_train_seeds_is_repeated_cross_validation(cohort, tmp_path):
     assert verdict["pass"] == (diff.mean() >= 0) and r.returncode == (0 if verdict["pass"] else 1), r.stderr
     assert np.isclose(pd.read_csv(tmp_path / "chk" / "check.csv").diff_mean[0], diff.mean())
     assert ("PASS" if verdict["pass"] else "FAIL") in r.stdout
+    r2 = subprocess.run(chk + ["--max-localisation-drop", "none", "--other-features"], capture_output=True, text=True)
+    assert r2.returncode == r.returncode and json.loads((tmp_path / "chk" / "check.json").read_text()) == verdict, r2.stderr
     for bad, says in (([], "no attention localisation"), (["--max-localisation-drop", "lots"], "give a number")):
         r = subprocess.run(chk + bad, capture_output=True, text=True)
         assert r.returncode == 2 and says in r.stderr, r.stderr

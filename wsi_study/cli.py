@@ -120,7 +120,8 @@ def cmd_tune(args) -> int:
 def cmd_compare_seeds(args) -> int:
     "Models cross-validated over the same split seeds: target counts per model and per-seed paired differences."
     from wsi_study.evaluation.tune import compare_repeats
-    models, paired = compare_repeats(args.folders, reference=args.reference, targets=args.target, out_dir=args.out)
+    models, paired = compare_repeats(args.folders, reference=args.reference, targets=args.target, out_dir=args.out,
+                                     other_features=args.other_features)
     plain, signed = (lambda v: f"{v:.3f}"), {c: "{:+.3f}".format for c in ("diff_mean", "diff_min", "diff_max")}
     print(models.to_string(index=False, float_format=plain))
     print(paired.loc[:, :"below"].to_string(index=False, float_format=plain, formatters=signed))
@@ -145,7 +146,8 @@ def cmd_check_default(args) -> int:
     "A candidate default against the current one on each development cohort: the rule's verdict; exit 1 when it fails."
     from wsi_study.evaluation.tune import check_default
     table, v = check_default(args.pair, min_mean_diff=args.min_mean_diff, min_positive=args.min_positive,
-                             max_localisation_drop=args.max_localisation_drop, out_dir=args.out)
+                             max_localisation_drop=args.max_localisation_drop, out_dir=args.out,
+                             other_features=args.other_features)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"mean paired difference {v['mean_diff']:+.4f} over {v['cohorts']} cohorts, positive on {v['positive']} "
           f"(needs {v['min_positive']}); worst localisation change "
@@ -300,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--target", action="append", default=[], metavar="METRIC<=V",
                     help="count the seeds meeting it, e.g. oracle_gap<=0.05 or localisation_auc>=0.85 (repeatable)")
     cs.add_argument("--out", required=True, help="folder for repeats_models.csv, repeats_paired.csv and figures/paired.png")
+    cs.add_argument("--other-features", action="store_true",
+                    help="the folders read other features of the same patients (another tiling or encoder)")
     cs.set_defaults(func=cmd_compare_seeds)
     ss = sub.add_parser("summarise-seeds", help="one model run with train --seeds on several cohorts: per cohort, "
                         "the metrics' means over its seeds and the seeds meeting each target (unpaired)")
@@ -319,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--max-localisation-drop", type=_drop, default=0.01, metavar="AUC",
                     help="no cohort's mean localisation may fall by more (none: not checked)")
     ck.add_argument("--out", required=True, help="folder for check.csv and check.json")
+    ck.add_argument("--other-features", action="store_true",
+                    help="the candidates read other features of the same patients (another tiling or encoder)")
     ck.set_defaults(func=cmd_check_default)
     b = sub.add_parser("bench", help="benchmarks: io, embed, tiling, mil (ratios against baselines, same run)")
     b.add_argument("names", nargs="+", choices=["io", "embed", "tiling", "mil"], metavar="{io,embed,tiling,mil}")

@@ -237,6 +237,13 @@ def _test_folds(root: Path, runs: pd.DataFrame, seed: int) -> pd.Series:
     s = pd.read_csv(f, dtype={"patient_id": str})
     return s[s.role == "test"].set_index("patient_id").fold.sort_index()
 
+def _outcomes(root: Path, runs: pd.DataFrame, seed: int) -> pd.DataFrame:
+    "Each patient's labels as the run of `seed` saw them (the label columns of its predictions.csv)."
+    f = run_dir(root, runs.loc[seed, "config"], seed) / "predictions.csv"
+    if not f.is_file(): raise WsiStudyError(f"{f}: missing; rerun `wsi-study train ... --seeds {seed} --out {root}`")
+    p = pd.read_csv(f, dtype={"patient_id": str}).set_index("patient_id").sort_index()
+    return p[[c for c in ("survival_months", "event", "stage") if c in p]]
+
 def _known_metrics(metrics, runs: dict, what: str) -> None:
     "A metric some folders lack (localisation, for mean-pool) counts as NA there; one that none has is a typo: say so."
     for metric in metrics:
@@ -274,6 +281,9 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
                     targets=(),  # e.g. ("oracle_gap<=0.05", "localisation_auc>=0.85"): seeds meeting each, per model
                     out_dir=None,  # write repeats_models.csv, repeats_paired.csv and figures/paired.png here
                     means=(),  # other metrics whose mean over the seeds each model's row also gives (`<metric>_mean`)
+                    other_features: bool = False,  # pair runs on other features of the same patients (another tiling
+                                                   # or encoder): each seed's labels and oracle C must then agree
+                                                   # instead of the whole data fingerprint
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Per model: the headline metric over the split seeds and the seeds meeting each target; per other model: its per-seed difference from `reference`."
     folders = _named(folders, lambda f: f.name)  # by folder; two folders of one name (other cohorts, say) by their paths
@@ -286,9 +296,10 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     _known_metrics([m for m, _, _ in targets], runs, "target metric")
     key = _one_headline(folders, runs, reference)
     for name, r in runs.items():
-        if r.data.iloc[0] != runs[reference].data.iloc[0]:
+        if not other_features and r.data.iloc[0] != runs[reference].data.iloc[0]:
             raise WsiStudyError(f"{folders[name]} and {folders[reference]} were run on other data (features, labels or ground "
-                                "truth); paired differences need one cohort and one set of features")
+                                "truth); paired differences need one cohort and one set of features (--other-features "
+                                "pairs other features of the same patients)")
     seeds = sorted(set.intersection(*(set(r.index) for r in runs.values())))
     if not seeds: raise WsiStudyError(f"the folders share no split seed: {', '.join(f'{n}: {sorted(r.index)}' for n, r in runs.items())}")
     for name, r in runs.items():
@@ -299,6 +310,13 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
             if name != reference and not _test_folds(roots[name], runs[name], s).equals(ref):
                 raise WsiStudyError(f"seed {s}: {folders[name]} and {folders[reference]} have other test folds; rerun both with "
                                     "the same --folds on the same manifest")
+            if other_features and name != reference:  # the same patients in the same folds; now their labels and truth
+                a, b = runs[name].get("oracle_cindex"), runs[reference].get("oracle_cindex")
+                same_truth = a is None and b is None or a is not None and b is not None and (
+                    np.isclose(a[s], b[s]) or (pd.isna(a[s]) and pd.isna(b[s])))
+                if not (same_truth and _outcomes(roots[name], runs[name], s).equals(_outcomes(roots[reference], runs[reference], s))):
+                    raise WsiStudyError(f"seed {s}: {folders[name]} and {folders[reference]} saw other labels or ground truth; "
+                                        "--other-features pairs other features of the same patients only")
     models = []
     for name, r in runs.items():
         v = r.loc[seeds, key]
@@ -348,13 +366,15 @@ def check_default(pairs,  # (baseline folder, candidate folder) per development 
                   min_mean_diff: float = 0.0, min_positive: int | None = None,
                   max_localisation_drop: float | None = 0.01,
                   out_dir=None,  # write check.csv and check.json here
+                  other_features: bool = False,  # the candidate reads other features of the same patients (`compare_repeats`)
                  ) -> tuple[pd.DataFrame, dict]:
     "Pair a candidate with the default seed by seed on each development cohort and apply `rule_verdict`."
     pairs = [(Path(b), Path(c)) for b, c in pairs]
     if not pairs: raise WsiStudyError("give at least one --pair BASELINE CANDIDATE (one per development cohort)")
     rows, loc = [], ("localisation_auc",) if max_localisation_drop is not None else ()
     for base, cand in pairs:
-        models, paired = compare_repeats({"baseline": base, "candidate": cand}, reference="baseline", means=loc)
+        models, paired = compare_repeats({"baseline": base, "candidate": cand}, reference="baseline", means=loc,
+                                         other_features=other_features)
         p, m = paired.iloc[0], models.set_index("model")
         key = next(k for k in HEADLINE.values() if f"{k}_mean" in m)
         row = {"cohort": _cohort_name(base), "seeds": int(p.seeds), f"{key}_baseline": m.loc["baseline", f"{key}_mean"],

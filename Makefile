@@ -107,6 +107,8 @@ check: install  ## after make twins: a candidate default (CHECK_NAME=..., CHECK_
 	$(BIN)/wsi-study check-default $(foreach c,$(TWINS),--pair results/$(c)/repeats/deepattnmisl_survival results/$(c)/tune/$(CHECK_NAME)) \
 		--out results/check/$(CHECK_NAME)
 
+# tiling-check: the candidate runs as a one-setting tune of the default's own value (mass=true), i.e. DeepAttnMISL's
+# defaults on the other features, in the layout check-default reads
 CHECK_MPP ?= 1
 tiling-check: install  ## after make twins: the twins tiled and embedded at CHECK_MPP µm/px (default 1; the studies use 2), DeepAttnMISL's defaults unchanged, then the rule (check-default) against make twins (~70 min, most of it the features)
 	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding \

@@ -311,9 +311,8 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
                 raise WsiStudyError(f"seed {s}: {folders[name]} and {folders[reference]} have other test folds; rerun both with "
                                     "the same --folds on the same manifest")
             if other_features and name != reference:  # the same patients in the same folds; now their labels and truth
-                a, b = runs[name].get("oracle_cindex"), runs[reference].get("oracle_cindex")
-                same_truth = a is None and b is None or a is not None and b is not None and (
-                    np.isclose(a[s], b[s]) or (pd.isna(a[s]) and pd.isna(b[s])))
+                a, b = (runs[n].loc[s].get("oracle_cindex", np.nan) for n in (name, reference))
+                same_truth = (pd.isna(a) and pd.isna(b)) or bool(np.isclose(a, b))
                 if not (same_truth and _outcomes(roots[name], runs[name], s).equals(_outcomes(roots[reference], runs[reference], s))):
                     raise WsiStudyError(f"seed {s}: {folders[name]} and {folders[reference]} saw other labels or ground truth; "
                                         "--other-features pairs other features of the same patients only")

@@ -182,6 +182,8 @@ def run_studies(study_config,  # path to configs/study.yaml
         if unknown:
             raise ConfigError(f"{study_config}: no study named {', '.join(unknown)}; known: {', '.join(s['name'] for s in studies)}")
         studies = [s for s in studies if s["name"] in only]
+    if taken := sorted(set(params) & {"cohort", "manifest", "out_dir", "seed"}):  # the runner's own; run.json records them
+        raise ConfigError(f"--param {', '.join(taken)}: set by the runner for each cohort; use --cohort, --out or --seed")
     declares = {s["name"]: _declared(s["notebook"]) for s in studies}
     unused = sorted(set(params) - set().union(*declares.values()))
     if unused:  # a misspelt name would otherwise change nothing and say nothing

@@ -383,13 +383,16 @@ class SlotBatches:
     multiply-add (cProfile, measured here). A slot is mapped once, in the parent, and every reader inherits it.
     The `DataLoader` still runs the readers (order, errors, shutdown): it never has more than `prefetch_factor` ×
     `workers` tasks out beyond the batch being yielded (`torch.utils.data.DataLoader._try_put_index`), so a ring of
-    that many + 2 slots is never written while in use; a slide with fewer batches gets one slot more than its
-    batches. Slides on CUDA keep torch's hand-over, which pins memory."""
+    that many + 2 slots is never written while in use: batch k's slot is written again only once batch k + 2 has been
+    asked for. A slide with fewer batches gets one slot more than its batches. With `pin` (for CUDA) the ring is
+    page-locked in place once the readers have started (`cudaHostRegister`), so each batch goes to the GPU by DMA
+    straight from its slot, with no copy into pinned memory as torch's hand-over makes; stopping the pass releases it."""
     def __init__(self, ds: PatchDataset,  # the slide's patches
                  batch_size: int, workers: int,  # reader processes, at least 1
                  prefetch_factor: int = 4,  # tasks in flight per reader
                  persistent_workers: bool = False,  # keep the readers between passes (the benchmark)
-                 spans: list | None = None):  # (start, stop) of each batch in sending order (default `reader_spans`)
+                 spans: list | None = None,  # (start, stop) of each batch in sending order (default `reader_spans`)
+                 pin: bool = False):  # page-lock the ring for copies to a CUDA GPU
         if workers < 1: raise WsiStudyError("SlotBatches needs at least one reader process; use patch_loader")
         # at most prefetch_factor × workers + 1 batches, all of one pass, are in use or in flight at once: a slide
         # with fewer batches than that gets a ring of one more than its batches, each no bigger than the slide
@@ -400,24 +403,67 @@ class SlotBatches:
         self.loader = DataLoader(_SlotReader(ds, self.slots), batch_size=None, num_workers=workers,
                                  sampler=_SlotTasks(self.spans, self.n_slots), collate_fn=_ticket,
                                  prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
-        self._iterator = None
+        self._iterator, self.pin, self._pinned = None, pin, False
 
     def __len__(self): return len(self.loader)
 
     def __iter__(self):
-        self._iterator = _SlotIter(self.slots, iter(self.loader))  # starts (or resumes) the readers now
+        self._iterator = _SlotIter(self.slots, iter(self.loader), self._unpin)  # starts (or resumes) the readers now
+        if self.pin and not self._pinned:  # after the readers have forked, so they map the ring as it was made
+            err = torch.cuda.cudart().cudaHostRegister(self.slots.data_ptr(), self.slots.numel(), 0)
+            if int(err) != 0:
+                self._iterator._shutdown_workers()
+                raise WsiStudyError(f"CUDA could not page-lock the readers' batches ({self.slots.numel() >> 20} MiB: "
+                                    f"{torch.cuda.cudart().cudaGetErrorString(err)}); embed with --workers 0")
+            self._pinned = True
         return self._iterator
+
+    def _unpin(self):
+        "Release the page-locking, once no copy from the ring can still be running."
+        if self._pinned:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(self.slots.data_ptr())
+            self._pinned = False
 
 class _SlotIter:
     "The batches of one pass over a `SlotBatches`; `_shutdown_workers` stops its readers."
-    def __init__(self, slots: torch.Tensor, tickets):
-        self.slots, self.tickets = slots, tickets
+    def __init__(self, slots: torch.Tensor, tickets, release=None):
+        self.slots, self.tickets, self.release = slots, tickets, release
     def __iter__(self): return self
     def __next__(self) -> torch.Tensor:
         slot, n = next(self.tickets)
         return self.slots[slot, :n].permute(0, 3, 1, 2)
     def _shutdown_workers(self):
         if hasattr(self.tickets, "_shutdown_workers"): self.tickets._shutdown_workers()
+        if self.release: self.release()
+
+class _Readout:
+    """Writes each batch's features into the rows of its patches. On CUDA a batch's features are copied to page-locked
+    host memory without waiting, and written once the next batch has been queued behind them: the GPU never waits
+    for this process to read a result back and write it, which a wait after every batch made it do."""
+    def __init__(self, feats, bar, cuda: bool, batch_size: int, dim: int):
+        self.feats, self.bar, self.cuda, self.n, self.k, self.pending = feats, bar, cuda, 0, 0, None
+        self.bufs = [torch.empty(batch_size, dim, pin_memory=True) for _ in range(2)] if cuda else []
+
+    def put(self, start: int, stop: int, y: torch.Tensor):
+        if not self.cuda: return self._write(start, stop, y.float().flatten(1).numpy())
+        buf, self.k = self.bufs[self.k % 2][:stop - start], self.k + 1  # two: one pending, one being filled
+        buf.copy_(y.float().flatten(1), non_blocking=True)
+        done = torch.cuda.Event(); done.record()
+        self.flush()  # the batch before, whose copy was queued ahead of this one's forward pass
+        self.pending = start, stop, buf, done
+
+    def flush(self):
+        "Write the batch whose copy is still pending, if any."
+        if self.pending is None: return
+        start, stop, buf, done = self.pending
+        self.pending = None
+        done.synchronize()
+        self._write(start, stop, buf.numpy())
+
+    def _write(self, start, stop, y):
+        self.feats[start:stop] = y  # the row of each patch, whatever order its reader's batch arrived in
+        self.n += len(y); self.bar.update(len(y))
 
 def embed_slide(slide_path,  # the slide file
                 tiles_h5,  # its `tiles/<slide_id>.h5`
@@ -449,8 +495,8 @@ def embed_slide(slide_path,  # the slide file
     amp = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
            if cuda else contextlib.nullcontext())
     workers = workers if n_total else 0
-    if workers and not cuda:  # readers hand batches over in shared slots; on CUDA, torch's pinned batches
-        source = SlotBatches(ds, batch_size, workers)
+    if workers:  # readers hand batches over in shared slots, page-locked on CUDA (2 tasks a reader keep it smaller)
+        source = SlotBatches(ds, batch_size, workers, prefetch_factor=2 if cuda else 4, pin=cuda)
         spans, batches = source.spans, iter(source)  # fork the readers before any HDF5 file is open
     else:
         loader = patch_loader(ds, batch_size, workers, pin_memory=cuda)
@@ -473,9 +519,9 @@ def embed_slide(slide_path,  # the slide file
         feats = f.create_dataset("features", shape=(n_total, enc.dim), maxshape=(None, enc.dim), dtype="float32",
                                  chunks=(max(1, min(256, n_total)), enc.dim))
         feats.attrs.update(encoder=enc.name, name=name)
-        n = 0
         with torch.inference_mode(), tqdm(total=n_total, desc=name, unit="patch", leave=False,
                                           disable=not progress) as bar:
+            out = _Readout(feats, bar, cuda, batch_size, enc.dim)
             for (start, stop), x in zip(spans, batches):
                 if len(x) != stop - start:
                     raise RuntimeError(f"{name}: a batch of {len(x)} patches where patches {start}-{stop - 1} were due")
@@ -484,10 +530,9 @@ def embed_slide(slide_path,  # the slide file
                 x = normalise(x)
                 with amp:
                     y = model(x)
-                y = y.float().flatten(1).cpu().numpy()
-                feats[start:stop] = y  # the row of each patch, whatever order its reader's batch arrived in
-                n += len(y)
-                bar.update(len(y))
+                out.put(start, stop, y)
+            out.flush()
+        n = out.n
         if n != n_total:
             raise RuntimeError(f"{name}: embedded {n} of {n_total} patches")
         f.attrs["n_patches"] = n

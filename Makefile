@@ -42,10 +42,16 @@ study: install  ## build the demo cohort if absent, then run every study in conf
 bench: install  ## the four benchmarks (ratios against baselines run side by side) into results/bench; run on a quiet machine
 	$(BIN)/wsi-study bench io embed tiling mil --out results/bench
 
+# the CMU slide's 117 patches take a GPU milliseconds, so gpu-check also embeds 10,000 patches of a 24,000-px synthetic slide
+GPU_SLIDE := results/bench_cuda/cache/synthetic_24000px_C_seed0.tiff
+GPU_READERS ?= 8
 gpu-check: install  ## on a machine with a CUDA GPU: embed_slide's CUDA path against the CPU (tests/test_cuda.py), then bench embed on the GPU
 	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check: torch sees no CUDA GPU on this machine')"
 	$(BIN)/pytest -q -rs tests/test_cuda.py
 	$(BIN)/wsi-study bench embed --device cuda --out results/bench_cuda
+	$(BIN)/python -c "from wsi_study.bench_tiling import synthetic_slide; synthetic_slide('results/bench_cuda/cache', 24000)"
+	$(BIN)/wsi-study bench embed --device cuda --slide $(GPU_SLIDE) --encoder random:resnet50_trunc --batch-size 128 \
+		--workers $(GPU_READERS) --patches 10000 --rounds 3 --out results/bench_cuda/resnet50_trunc
 
 DEV_FEATURES := results/demo_dev/features/2mpp_224px_0px/efficientnet_lite0
 tune: install   ## choose the MIL defaults on demo_dev (100 patients) and check the stage head's weight on demo_small_dev (40), never on demo (~50 min; ~45 with their features built)

@@ -129,8 +129,8 @@ def bench_io(out_dir,  # where scratch files go
         key = (f"loader_w{w}" + ("" if normalised else "_uint8") + ("" if backend == "auto" else f"_{backend}")
                + ("_fd" if by_descriptor else "") + ("_torch" if torch_handover else "") + ("_alternate" if alternate else ""))
         ds = PatchDataset(slide, coords, patch_size, patch_size, backend=backend)
-        # embed_slide's readers on the CPU: shared slots (SlotBatches) with workers, in process without; diagnostics:
-        # torch's DataLoader hand-over by shared-memory name (embed_slide's on CUDA) or by file descriptor (its default)
+        # embed_slide's readers: shared slots (SlotBatches) with workers, in process without; diagnostics:
+        # torch's DataLoader hand-over by shared-memory name (embed_slide's on CUDA before 2026-12-04) or by file descriptor (its default)
         if w and not (by_descriptor or torch_handover):
             # alternate: the batches in the slide's order, so reader j gets every w-th batch (the order before reader_spans)
             dl = SlotBatches(ds, batch_size, w, persistent_workers=True,

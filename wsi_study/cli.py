@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "hf-hub:NAME (needs internet or --weights), or random:NAME (untrained, for tests)")
     e.add_argument("--weights", default=None, help="local checkpoint (state dict) for the encoder")
     e.add_argument("--batch-size", type=int, default=64, help="patches per forward pass")
-    e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes reading patches, per slide")
+    e.add_argument("--workers", type=int, default=0, help="reader processes, started at the first slide and kept for the next (0: read in process)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--reader", default="auto", choices=["auto", "tifffile", "openslide", "tiatoolbox"],
                    help="patch reader (auto: tifffile tiles for SVS and tiled TIFF, else OpenSlide, else TIAToolbox); "

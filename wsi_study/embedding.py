@@ -5,6 +5,7 @@
 # %% ../nbs/06_embedding.ipynb #e717b8f3
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import itertools
@@ -15,6 +16,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import h5py
@@ -290,14 +292,45 @@ def _reader_init(worker_id: int):
     torch.multiprocessing.set_sharing_strategy("file_system")
 
 @contextlib.contextmanager
-def _stopping(batches):
-    """Stop a batch iterator's readers on leaving, error or not. Left to the garbage collector, a failed slide's
-    iterator lives on in its traceback, and the next slide's reader processes inherit it as they fork."""
-    try:
-        yield batches
-    finally:
+def _stopping(batches, keep: bool = False):
+    """Stop a batch iterator's readers on leaving: on an error always, else unless `keep` (readers kept for the next
+    slide). Left to the garbage collector, a failed slide's iterator lives on in its traceback, and the next slide's
+    reader processes inherit it as they fork."""
+    def stop():
         if hasattr(batches, "_shutdown_workers"): batches._shutdown_workers()  # torch's readers (its own __del__ calls this)
         elif hasattr(batches, "close"): batches.close()  # the `prefetch` thread
+    try:
+        yield batches
+    except BaseException:
+        stop()
+        raise
+    if not keep: stop()
+
+_pools = threading.local()  # each thread's kept readers: a Dask worker's threads embed slides side by side
+_every_pool = weakref.WeakSet()
+
+@atexit.register
+def _close_pools():
+    "Stop kept readers (and unpin their rings) before the interpreter, and torch's CUDA state, go."
+    for pool in list(_every_pool): pool.close()
+
+def _reader_pool(ds: PatchDataset, batch_size: int, workers: int, prefetch_factor: int, pin: bool) -> SlotBatches:
+    """This thread's reader processes and ring, made at its first slide and pointed at each next one with the same
+    settings (other settings stop them and start new ones). Starting and stopping them for every slide cost tens of
+    ms a reader (`bench embed`'s fixed cost per slide: 308-416 ms with 8 readers on a 16-core GPU machine, where 8
+    readers read a thousand patches in about 100 ms)."""
+    key = (batch_size, workers, ds.out_size, prefetch_factor, pin)
+    pool = getattr(_pools, "pool", None)
+    if pool is not None and (pool.key != key or pool.closed):
+        pool.close()
+        pool = None
+    if pool is None:
+        pool = SlotBatches(ds, batch_size, workers, prefetch_factor=prefetch_factor, pin=pin, reusable=True)
+        pool.key, _pools.pool = key, pool
+        _every_pool.add(pool)
+    else:
+        pool.load(ds)
+    return pool
 
 @functools.cache
 def _warn_daemonic():
@@ -350,23 +383,38 @@ def patch_loader(ds: Dataset,  # a `PatchDataset`
                       pin_memory=pin_memory, prefetch_factor=4 if workers else None, collate_fn=stack_patches, **kwargs)
 
 class _SlotReader(Dataset):
-    "In a reader process: task (slot, start, stop) → patches start..stop-1 written into shared slot `slot`."
+    """In a reader process: task (slot, start, stop) → patches start..stop-1 written into shared slot `slot`. A task
+    (slot, start, stop, ds) first points the reader at slide `ds` (`SlotBatches.load`); the same slide file keeps its
+    open handle, and with it the tiles already decoded."""
     def __init__(self, ds: PatchDataset, slots: torch.Tensor):
         self.ds, self.slots = ds, slots
     def __len__(self): return len(self.ds)
+    def _switch(self, ds):
+        old, mine = self.ds, getattr(self.ds, "_pid", None) == os.getpid()
+        handle = getattr(old, "_slide", None) if mine else None
+        if handle is not None:
+            if (old.slide_path, old.backend, old.mpp) == (ds.slide_path, ds.backend, ds.mpp):
+                ds._slide, ds._pid = handle, old._pid
+            else:
+                with contextlib.suppress(Exception): handle.close()
+        self.ds = ds
     def __getitem__(self, task):
-        slot, start, stop = task
+        slot, start, stop, *slide = task
+        if slide: self._switch(slide[0])
         buf = self.slots[slot].numpy()  # (B, S, S, 3) uint8, mapped once per process
         for k, i in enumerate(range(start, stop)): buf[k] = self.ds.patch(i)
         return slot, stop - start
 
 class _SlotTasks(Sampler):
-    "Batches of patch indices as (slot, start, stop), the slot going round the ring in the order the tasks are sent."
-    def __init__(self, spans: list, n_slots: int):
-        self.spans, self.n_slots, self._sent = spans, n_slots, itertools.count()
+    """Batches of patch indices as (slot, start, stop), the slot going round the ring in the order the tasks are sent.
+    With `attach` set, each reader's first task of a pass also carries that slide: the `DataLoader` hands a pass's
+    first `workers` tasks to readers 0, 1, … in turn."""
+    def __init__(self, spans: list, n_slots: int, workers: int = 1):
+        self.spans, self.n_slots, self.workers, self.attach, self._sent = spans, n_slots, workers, None, itertools.count()
     def __iter__(self):
-        for start, stop in self.spans:
-            yield next(self._sent) % self.n_slots, start, stop
+        for j, (start, stop) in enumerate(self.spans):
+            task = (next(self._sent) % self.n_slots, start, stop)
+            yield task + (self.attach,) if self.attach is not None and j < self.workers else task
     def __len__(self): return len(self.spans)
 
 def _ticket(x): return x  # the reader's (slot, n), as it is
@@ -386,31 +434,53 @@ class SlotBatches:
     that many + 2 slots is never written while in use: batch k's slot is written again only once batch k + 2 has been
     asked for. A slide with fewer batches gets one slot more than its batches. With `pin` (for CUDA) the ring is
     page-locked in place once the readers have started (`cudaHostRegister`), so each batch goes to the GPU by DMA
-    straight from its slot, with no copy into pinned memory as torch's hand-over makes; stopping the pass releases it."""
+    straight from its slot, with no copy into pinned memory as torch's hand-over makes; stopping the pass releases it.
+    A `reusable` ring (full batches, readers kept between passes) serves slide after slide: `load` points it at the
+    next one, so a cohort starts its readers once, not once per slide (see `embed_slide`)."""
     def __init__(self, ds: PatchDataset,  # the slide's patches
                  batch_size: int, workers: int,  # reader processes, at least 1
                  prefetch_factor: int = 4,  # tasks in flight per reader
                  persistent_workers: bool = False,  # keep the readers between passes (the benchmark)
                  spans: list | None = None,  # (start, stop) of each batch in sending order (default `reader_spans`)
-                 pin: bool = False):  # page-lock the ring for copies to a CUDA GPU
+                 pin: bool = False,  # page-lock the ring for copies to a CUDA GPU
+                 reusable: bool = False):  # full-size ring and readers kept, for other slides (`load`)
         if workers < 1: raise WsiStudyError("SlotBatches needs at least one reader process; use patch_loader")
         # at most prefetch_factor × workers + 1 batches, all of one pass, are in use or in flight at once: a slide
         # with fewer batches than that gets a ring of one more than its batches, each no bigger than the slide
         n_batches = -(-len(ds) // batch_size)
-        self.n_slots, s = min(prefetch_factor * workers + 2, n_batches + 1), ds.out_size
-        self.slots = torch.empty(self.n_slots, min(batch_size, len(ds)), s, s, 3, dtype=torch.uint8).share_memory_()
+        full = prefetch_factor * workers + 2
+        self.n_slots = full if reusable else min(full, n_batches + 1)
+        self.batch_size, self.workers, self.reusable, s = batch_size, workers, reusable, ds.out_size
+        self.slots = torch.empty(self.n_slots, batch_size if reusable else min(batch_size, len(ds)), s, s, 3,
+                                 dtype=torch.uint8).share_memory_()
         self.spans = reader_spans(len(ds), batch_size, workers) if spans is None else spans
         self.loader = DataLoader(_SlotReader(ds, self.slots), batch_size=None, num_workers=workers,
-                                 sampler=_SlotTasks(self.spans, self.n_slots), collate_fn=_ticket,
-                                 prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
-        self._iterator, self.pin, self._pinned = None, pin, False
+                                 sampler=_SlotTasks(self.spans, self.n_slots, workers), collate_fn=_ticket,
+                                 prefetch_factor=prefetch_factor, persistent_workers=persistent_workers or reusable)
+        self._iterator, self.pin, self._pinned, self.closed = None, pin, False, False
+
+    def load(self, ds: PatchDataset):
+        "Point a `reusable` ring's readers at another slide: the next pass reads its patches, in `reader_spans` order."
+        if not self.reusable: raise WsiStudyError("SlotBatches.load needs a ring made with reusable=True")
+        if ds.out_size != self.slots.shape[2]:
+            raise WsiStudyError(f"{ds.slide_path}: patches of {ds.out_size} px for a ring of {self.slots.shape[2]} px")
+        self.spans = reader_spans(len(ds), self.batch_size, self.workers)
+        self.loader.dataset.ds, tasks = ds, self.loader.sampler
+        tasks.spans, tasks.attach = self.spans, ds
+
+    def close(self):
+        "Stop the readers and release the ring's page-locking."
+        if self._iterator is not None: self._iterator._shutdown_workers()
+        self._unpin()
+        self.closed = True
 
     def __len__(self): return len(self.loader)
 
     def __iter__(self):
-        self._iterator = _SlotIter(self.slots, iter(self.loader), self._unpin)  # starts (or resumes) the readers now
+        self._iterator = _SlotIter(self.slots, iter(self.loader), self._release)  # starts (or resumes) the readers
         if self.pin and not self._pinned:  # after the readers have forked, so they map the ring as it was made
-            err = torch.cuda.cudart().cudaHostRegister(self.slots.data_ptr(), self.slots.numel(), 0)
+            # flag 1, portable: pinned for every GPU's context, whichever GPU the model is on
+            err = torch.cuda.cudart().cudaHostRegister(self.slots.data_ptr(), self.slots.numel(), 1)
             if int(err) != 0:
                 self._iterator._shutdown_workers()
                 raise WsiStudyError(f"CUDA could not page-lock the readers' batches ({self.slots.numel() >> 20} MiB: "
@@ -418,10 +488,15 @@ class SlotBatches:
             self._pinned = True
         return self._iterator
 
+    def _release(self):
+        "A pass stopped its readers: release the page-locking; kept readers are gone for good."
+        self._unpin()
+        self.closed = self.closed or self.loader.persistent_workers
+
     def _unpin(self):
         "Release the page-locking, once no copy from the ring can still be running."
         if self._pinned:
-            torch.cuda.synchronize()
+            for i in range(torch.cuda.device_count()): torch.cuda.synchronize(i)
             torch.cuda.cudart().cudaHostUnregister(self.slots.data_ptr())
             self._pinned = False
 
@@ -495,8 +570,8 @@ def embed_slide(slide_path,  # the slide file
     amp = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
            if cuda else contextlib.nullcontext())
     workers = workers if n_total else 0
-    if workers:  # readers hand batches over in shared slots, page-locked on CUDA (2 tasks a reader keep it smaller)
-        source = SlotBatches(ds, batch_size, workers, prefetch_factor=2 if cuda else 4, pin=cuda)
+    if workers:  # this thread's kept readers hand batches over in shared slots, page-locked on CUDA (2 tasks a
+        source = _reader_pool(ds, batch_size, workers, 2 if cuda else 4, pin=cuda)  # reader keep the ring smaller)
         spans, batches = source.spans, iter(source)  # fork the readers before any HDF5 file is open
     else:
         loader = patch_loader(ds, batch_size, workers, pin_memory=cuda)
@@ -512,7 +587,7 @@ def embed_slide(slide_path,  # the slide file
     trident = {"patch_size": ps, "patch_size_level0": ps0, "overlap": attrs["overlap"], "name": name,
                "level0_magnification": _magnification(level0_mpp), "target_magnification": _magnification(target_mpp),
                "level0_mpp": level0_mpp, "target_mpp": target_mpp}
-    with _stopping(batches), atomic_path(out_h5, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+    with _stopping(batches, keep=bool(workers)), atomic_path(out_h5, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(attrs)
         f.create_dataset("coords", data=coords).attrs.update(trident)
         # maxshape: h5py allows chunks on an empty (0-patch) dataset only when it could grow
@@ -605,7 +680,7 @@ def embed_cohort(manifest,  # a validated manifest DataFrame, or the path of a m
                  encoder_name: str = "efficientnet_lite0",  # see `load_encoder`
                  weights=None,  # a local checkpoint for the encoder
                  batch_size: int = 64,  # patches per forward pass
-                 workers: int = 0,  # DataLoader worker processes per slide
+                 workers: int = 0,  # reader processes, started at the first slide and kept for the next
                  device="auto",  # "auto", "cpu", "cuda", ...
                  scheduler: str | None = None,  # None: this process; "local", tcp://HOST:PORT: per-slide Dask jobs
                  dask_workers: int | None = None,  # workers of a local Dask cluster

@@ -52,6 +52,8 @@ gpu-check: install  ## on a machine with a CUDA GPU: embed_slide's CUDA path aga
 	$(BIN)/python -c "from wsi_study.bench_tiling import synthetic_slide; synthetic_slide('results/bench_cuda/cache', 24000)"
 	$(BIN)/wsi-study bench embed --device cuda --slide $(GPU_SLIDE) --encoder random:resnet50_trunc --batch-size 128 \
 		--workers $(GPU_READERS) --patches 10000 --rounds 3 --out results/bench_cuda/resnet50_trunc
+	$(BIN)/wsi-study bench embed --device cuda --slide $(GPU_SLIDE) --encoder random:vit_large_patch16_224 --batch-size 128 \
+		--workers $(GPU_READERS) --patches 4000 --rounds 3 --no-tiatoolbox --out results/bench_cuda/vit_large
 
 DEV_FEATURES := results/demo_dev/features/2mpp_224px_0px/efficientnet_lite0
 tune: install   ## choose the MIL defaults on demo_dev (100 patients) and check the stage head's weight on demo_small_dev (40), never on demo (~50 min; ~45 with their features built)

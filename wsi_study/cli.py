@@ -158,8 +158,9 @@ def cmd_check_default(args) -> int:
 # the options of `wsi-study bench`, the benchmarks that take each, and the keyword it becomes where the names differ
 _BENCH_OPTIONS = {"slide": ("io", "embed"), "mpp": ("embed",), "encoder": ("embed",), "weights": ("embed",),
                   "batch_size": ("io", "embed"), "workers": ("io", "embed"), "patches": ("embed",),
-                  "threads": ("embed",), "rounds": ("io", "embed", "tiling"), "device": ("embed", "mil")}
-_BENCH_KEYWORD = {"encoder": "model", "patches": "n_patches"}
+                  "threads": ("embed",), "rounds": ("io", "embed", "tiling"), "device": ("embed", "mil"),
+                  "no_tiatoolbox": ("embed",)}
+_BENCH_KEYWORD = {"encoder": "model", "patches": "n_patches", "no_tiatoolbox": "tiatoolbox"}
 
 def bench_params(args) -> dict:
     """Benchmark name → the keyword arguments its command line sets. Each option goes to the named benchmarks that take
@@ -180,7 +181,8 @@ def bench_params(args) -> dict:
                             "several counts are for bench io alone")
     params = {}
     for name in args.names:
-        kw = {_BENCH_KEYWORD.get(k, k): v for k, v in given.items() if name in _BENCH_OPTIONS[k]}
+        kw = {_BENCH_KEYWORD.get(k, k): (False if k == "no_tiatoolbox" else v)  # the flag's only value: skip it
+              for k, v in given.items() if name in _BENCH_OPTIONS[k]}
         if "workers" in kw:  # io measures in process and each count of readers, always with 1 (its scaling baseline)
             kw["workers"] = kw["workers"][0] if name == "embed" else tuple(sorted({1, *kw["workers"]} - {0}))
         params[name] = {"progress": not args.quiet, **kw}
@@ -343,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--patches", type=int, default=None, help="embed: the first N patches of the slide's grid (default: all)")
     b.add_argument("--threads", type=int, default=None, help="embed: torch threads (default: torch's)")
     b.add_argument("--rounds", type=int, default=None, help="io/embed/tiling: timed rounds of each contender")
+    b.add_argument("--no-tiatoolbox", action="store_const", const=True, default=None,
+                   help="embed: leave TIAToolbox's DeepFeatureExtractor out (its fp32, compiled runs of a large model "
+                   "take minutes on a GPU); the forward-pass ratio is still measured")
     b.set_defaults(func=cmd_bench)
     r = sub.add_parser("run", help="run study notebooks for one or more cohorts")
     r.add_argument("config", help="study YAML, e.g. configs/study.yaml")

@@ -36,8 +36,8 @@ from .tiffread import TiffTiles, read_region_rgb
 
 # %% auto #0
 __all__ = ['read_tiles', 'best_level', 'PatchDataset', 'resolve_device', 'prefetch', 'Normaliser', 'stack_patches',
-           'reader_spans', 'patch_loader', 'SlotBatches', 'embed_slide', 'feature_path', 'cached_encoder', 'embed_job',
-           'enc_device', 'embed_cohort']
+           'stop_readers', 'reader_spans', 'patch_loader', 'SlotBatches', 'embed_slide', 'feature_path',
+           'cached_encoder', 'embed_job', 'enc_device', 'embed_cohort']
 
 # %% ../nbs/06_embedding.ipynb #00fba250
 def read_tiles(tiles_h5,  # a `tiles/<slide_id>.h5` file
@@ -313,6 +313,12 @@ _every_pool = weakref.WeakSet()
 def _close_pools():
     "Stop kept readers (and unpin their rings) before the interpreter, and torch's CUDA state, go."
     for pool in list(_every_pool): pool.close()
+
+def stop_readers():
+    "Stop the reader processes this thread keeps for its next slide (`embed_cohort` does so when it returns)."
+    pool = getattr(_pools, "pool", None)
+    if pool is not None: pool.close()
+    _pools.pool = None
 
 def _reader_pool(ds: PatchDataset, batch_size: int, workers: int, prefetch_factor: int, pin: bool) -> SlotBatches:
     """This thread's reader processes and ring, made at its first slide and pointed at each next one with the same
@@ -703,8 +709,11 @@ def embed_cohort(manifest,  # a validated manifest DataFrame, or the path of a m
     kw = dict(tiles_dir=str(tiles_dir), out_dir=str(out_dir), encoder_name=encoder_name, weights=weights,
               batch_size=batch_size, workers=workers, device=device, reader=reader)
     if scheduler is None:
-        rows = [embed_job(it, progress=progress, **kw)
-                for it in tqdm(items, desc=f"embedding ({enc.name})", unit="slide", disable=not progress)]
+        try:  # the readers serve every slide, then stop: no idle processes left in a notebook's kernel
+            rows = [embed_job(it, progress=progress, **kw)
+                    for it in tqdm(items, desc=f"embedding ({enc.name})", unit="slide", disable=not progress)]
+        finally:
+            stop_readers()
     else:
         from wsi_study.scaleout import map_slides
         rows = map_slides(embed_job, items, scheduler=scheduler, n_workers=dask_workers, progress=progress,

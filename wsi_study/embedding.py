@@ -320,9 +320,10 @@ def stop_readers():
     if pool is not None: pool.close()
     _pools.pool = None
 
-def _reader_pool(ds: PatchDataset, batch_size: int, workers: int, prefetch_factor: int, pin: bool) -> SlotBatches:
-    """This thread's reader processes and ring, made at its first slide and pointed at each next one with the same
-    settings (other settings stop them and start new ones). Starting and stopping them for every slide cost tens of
+def _reader_batches(ds: PatchDataset, batch_size: int, workers: int, prefetch_factor: int, pin: bool):
+    """`(spans, batches)` of slide `ds` from this thread's reader processes and ring, made at its first slide and
+    pointed at each next one with the same settings (other settings stop them and start new ones; kept readers that
+    cannot resume, one killed while idle say, are replaced). Starting and stopping them for every slide cost tens of
     ms a reader (`bench embed`'s fixed cost per slide: 308-416 ms with 8 readers on a 16-core GPU machine, where 8
     readers read a thousand patches in about 100 ms)."""
     key = (batch_size, workers, ds.out_size, prefetch_factor, pin)
@@ -330,13 +331,17 @@ def _reader_pool(ds: PatchDataset, batch_size: int, workers: int, prefetch_facto
     if pool is not None and (pool.key != key or pool.closed):
         pool.close()
         pool = None
-    if pool is None:
-        pool = SlotBatches(ds, batch_size, workers, prefetch_factor=prefetch_factor, pin=pin, reusable=True)
-        pool.key, _pools.pool = key, pool
-        _every_pool.add(pool)
-    else:
+    if pool is not None:
         pool.load(ds)
-    return pool
+        try:
+            return pool.spans, iter(pool)
+        except Exception as e:  # `iter` closed it
+            _log.warning(f"{ds.slide_path.name}: the kept reader processes could not resume ({one_line(e)}); "
+                         "starting new ones")
+    pool = SlotBatches(ds, batch_size, workers, prefetch_factor=prefetch_factor, pin=pin, reusable=True)
+    pool.key, _pools.pool = key, pool
+    _every_pool.add(pool)
+    return pool.spans, iter(pool)
 
 @functools.cache
 def _warn_daemonic():
@@ -483,7 +488,12 @@ class SlotBatches:
     def __len__(self): return len(self.loader)
 
     def __iter__(self):
-        self._iterator = _SlotIter(self.slots, iter(self.loader), self._release)  # starts (or resumes) the readers
+        try:
+            tickets = iter(self.loader)  # starts (or resumes) the readers now
+        except BaseException:
+            if self.loader.persistent_workers: self.close()  # readers that cannot resume are no use
+            raise
+        self._iterator = _SlotIter(self.slots, tickets, self._release)
         if self.pin and not self._pinned:  # after the readers have forked, so they map the ring as it was made
             # flag 1, portable: pinned for every GPU's context, whichever GPU the model is on
             err = torch.cuda.cudart().cudaHostRegister(self.slots.data_ptr(), self.slots.numel(), 1)
@@ -576,9 +586,9 @@ def embed_slide(slide_path,  # the slide file
     amp = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
            if cuda else contextlib.nullcontext())
     workers = workers if n_total else 0
-    if workers:  # this thread's kept readers hand batches over in shared slots, page-locked on CUDA (2 tasks a
-        source = _reader_pool(ds, batch_size, workers, 2 if cuda else 4, pin=cuda)  # reader keep the ring smaller)
-        spans, batches = source.spans, iter(source)  # fork the readers before any HDF5 file is open
+    if workers:  # this thread's kept readers, batches in shared slots (page-locked on CUDA, where 2 tasks a reader
+        # keep the ring smaller); new readers fork here, before any HDF5 file is open
+        spans, batches = _reader_batches(ds, batch_size, workers, 2 if cuda else 4, pin=cuda)
     else:
         loader = patch_loader(ds, batch_size, workers, pin_memory=cuda)
         spans = loader.batch_sampler.spans  # with readers, each reads a contiguous share of the slide: out of order

@@ -126,6 +126,17 @@ class PatchDataset(Dataset):
             self._slide, self._pid = self._open(), os.getpid()
         return self._slide
 
+    def take_handle(self, other: "PatchDataset"):
+        """Take over `other`'s slide handle, opened in this process, where both read the same file the same way (its
+        decoded tiles come with it); else close it. A reader process kept for the next slide uses this."""
+        handle = other._slide if other._pid == os.getpid() else None
+        other._slide = other._pid = None
+        if handle is None: return
+        if (other.slide_path, other.backend, other.mpp) == (self.slide_path, self.backend, self.mpp):
+            self._slide, self._pid = handle, os.getpid()
+        else:
+            with contextlib.suppress(Exception): handle.close()
+
     def __getstate__(self):  # spawned workers get the recipe, not the handle
         return {**self.__dict__, "_slide": None, "_pid": None}
 
@@ -387,7 +398,8 @@ def patch_loader(ds: Dataset,  # a `PatchDataset`
                  pin_memory: bool = False,  # page-locked batches, for CUDA
                  **kwargs,  # more `DataLoader` arguments (e.g. persistent_workers)
                 ) -> DataLoader:
-    """The `DataLoader` that `embed_slide` reads with and `bench io` measures: channels-last uint8 batches, in
+    """The `DataLoader` that `embed_slide` reads with in process (with reader processes it reads through
+    `SlotBatches`), and that `bench io` measures torch's own hand-over with: channels-last uint8 batches, in
     `reader_spans` order (the slide's order with at most one reader), which `loader.batch_sampler.spans` gives."""
     kwargs.setdefault("worker_init_fn", _reader_init if workers else None)
     return DataLoader(ds, batch_sampler=_SpanBatches(reader_spans(len(ds), batch_size, workers)), num_workers=workers,
@@ -400,18 +412,11 @@ class _SlotReader(Dataset):
     def __init__(self, ds: PatchDataset, slots: torch.Tensor):
         self.ds, self.slots = ds, slots
     def __len__(self): return len(self.ds)
-    def _switch(self, ds):
-        old, mine = self.ds, getattr(self.ds, "_pid", None) == os.getpid()
-        handle = getattr(old, "_slide", None) if mine else None
-        if handle is not None:
-            if (old.slide_path, old.backend, old.mpp) == (ds.slide_path, ds.backend, ds.mpp):
-                ds._slide, ds._pid = handle, old._pid
-            else:
-                with contextlib.suppress(Exception): handle.close()
-        self.ds = ds
     def __getitem__(self, task):
         slot, start, stop, *slide = task
-        if slide: self._switch(slide[0])
+        if slide:
+            if isinstance(self.ds, PatchDataset): slide[0].take_handle(self.ds)
+            self.ds = slide[0]
         buf = self.slots[slot].numpy()  # (B, S, S, 3) uint8, mapped once per process
         for k, i in enumerate(range(start, stop)): buf[k] = self.ds.patch(i)
         return slot, stop - start
@@ -480,9 +485,8 @@ class SlotBatches:
         tasks.spans, tasks.attach = self.spans, ds
 
     def close(self):
-        "Stop the readers and release the ring's page-locking."
+        "Stop the readers and release the ring's page-locking (only a pass, which made `_iterator`, pins it)."
         if self._iterator is not None: self._iterator._shutdown_workers()
-        self._unpin()
         self.closed = True
 
     def __len__(self): return len(self.loader)

@@ -77,6 +77,20 @@ def test_cox_loss_efron_matches_lifelines():
     assert abs(float(mean) * df.E.sum() + cph.log_likelihood_) < 1e-6
 
 
+def test_cox_loss_strata_matches_lifelines():
+    """Stratified: our Efron loss at lifelines' fitted coefficient (strata=) equals minus lifelines' log-likelihood."""
+    from lifelines import CoxPHFitter
+    df = _tied_survival_frame()
+    df["stage"] = np.arange(len(df)) % 3
+    df["x"] = df.x + df.stage  # a stratum-level shift: the stratified fit ignores it, the plain one does not
+    cph = CoxPHFitter().fit(df, "T", "E", strata=["stage"])
+    risk = torch.tensor(df.x.to_numpy() * float(cph.params_["x"]), dtype=torch.float64)
+    t, e, s = (torch.tensor(df[c].to_numpy()) for c in ("T", "E", "stage"))
+    assert abs(float(cox_ph_loss(risk, t, e, "efron", "sum", strata=s)) + cph.log_likelihood_) < 1e-6
+    assert abs(float(cox_ph_loss(risk, t, e, "efron", "sum")) + cph.log_likelihood_) > 1e-3
+    assert cox_ph_loss(risk, t, torch.zeros_like(e), strata=s) is None
+
+
 def test_cox_loss_breslow():
     """Breslow equals lifelines when no two events share a time, and the textbook formula when they do."""
     from lifelines import CoxPHFitter

@@ -45,7 +45,7 @@ _log = get_logger("wsi_study.evaluation")
 TRAIN_DEFAULTS = dict(epochs=60, lr=5e-4, weight_decay=1e-4, batch_size=16, patience=15, min_epochs=10,
                       val_frac=0.2, ordinal=False, ties="breslow", l1=0.0, aux_weight=None, threads=1,
                       members=5, stop_together=True,  # one protocol for every neural model: 5 members stopping together
-                      stop_on="task", refit=False)
+                      stop_on="task", refit=False, strata_weight=0.0)
 MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
@@ -89,6 +89,9 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
         raise WsiStudyError(f"stack_on must be 'shares' or 'mass', got {hp['stack_on']!r}")
     if hp.get("stack") and hp.get("stack_on") == "mass" and not hp.get("mass"):
         raise WsiStudyError("stack_on='mass' stacks the attention's log-mass: it needs mass=True")
+    if hp["strata_weight"] and (task != "survival" or hp["strata_weight"] < 0):
+        raise WsiStudyError(f"strata_weight adds a Cox loss within each true stage: it needs task='survival' and a "
+                            f"weight >= 0 (got task={task!r}, strata_weight={hp['strata_weight']})")
     if hp["stop_on"] not in ("task", "total"):
         raise WsiStudyError(f"stop_on must be 'task' or 'total', got {hp['stop_on']!r}")
     for k in ("epochs", "batch_size"): whole_number(hp[k], k, 1)  # 0 epochs: an untrained model's metrics
@@ -135,6 +138,10 @@ def batch_loss(o: dict, y: dict, net, task: str, hp: dict,
     if aux and "aux_out" in o and hp["aux_weight"]:
         extra = task_loss(o["aux_out"], y, other_task(task), hp["ordinal"], hp["ties"])
         if extra is not None: parts.append(hp["aux_weight"] * extra)
+    if aux and hp.get("strata_weight") and task == "survival":  # the Cox loss again, risk sets within each true stage
+        ok = (y["stage"] >= 0) & torch.isfinite(y["time"]) & torch.isfinite(y["event"])
+        within = cox_ph_loss(o["out"][ok.to(o["out"].device)], y["time"][ok], y["event"][ok], hp["ties"], strata=y["stage"][ok])
+        if within is not None: parts.append(hp["strata_weight"] * within)
     return sum(parts) if parts else None
 
 def make_inputs(bags: Bags, model: str, train_idx, hp: dict, seed: int = 0, device="cpu"):

@@ -26,12 +26,18 @@ def cox_ph_loss(risk: torch.Tensor,  # (B,) predicted log hazard ratios, higher 
                 event: torch.Tensor,  # (B,) 1 = death observed, 0 = censored
                 ties: str = "breslow",  # "breslow" or "efron"
                 reduction: str = "mean",  # "mean" over events or "sum" (= minus lifelines' log_likelihood_)
+                strata: torch.Tensor | None = None,  # (B,) integer stratum of each subject: risk sets within a stratum
                ) -> torch.Tensor | None:
     "Negative Cox log partial likelihood of a batch; `None` when the batch has no event."
     risk, time, event = risk.reshape(-1), time.reshape(-1).to(risk.device), event.reshape(-1).to(risk.device)
     ev = event > 0.5
     n_events = int(ev.sum())
     if n_events == 0: return None
+    if strata is not None:  # a stratified Cox model: the strata's partial likelihoods add up (at most a few strata)
+        strata = strata.reshape(-1).to(risk.device)
+        parts = [cox_ph_loss(risk[m], time[m], event[m], ties, "sum") for m in (strata == s for s in torch.unique(strata))]
+        total = sum(p for p in parts if p is not None)
+        return total / n_events if reduction == "mean" else total
     order = torch.argsort(time, descending=True, stable=True)
     r, t, ev = risk[order], time[order].to(risk.dtype), ev[order]
     first, last = _tie_bounds(t)

@@ -45,7 +45,7 @@ bench: install  ## the four benchmarks (ratios against baselines run side by sid
 # the CMU slide's 117 patches take a GPU milliseconds, so gpu-check also embeds 10,000 patches of a 24,000-px synthetic slide
 GPU_SLIDE := results/bench_cuda/cache/synthetic_24000px_C_seed0.tiff
 GPU_READERS ?= 8
-gpu-check: install  ## on a machine with a CUDA GPU: embed_slide's CUDA path against the CPU (tests/test_cuda.py), then bench embed on the GPU
+gpu-check: install  ## on a machine with a CUDA GPU: embed_slide's and train_cv's CUDA paths against the CPU (tests/test_cuda.py), then bench embed and bench mil on the GPU
 	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check: torch sees no CUDA GPU on this machine')"
 	$(BIN)/pytest -q -rs tests/test_cuda.py
 	$(BIN)/wsi-study bench embed --device cuda --out results/bench_cuda
@@ -54,6 +54,7 @@ gpu-check: install  ## on a machine with a CUDA GPU: embed_slide's CUDA path aga
 		--workers $(GPU_READERS) --patches 10000 --rounds 3 --out results/bench_cuda/resnet50_trunc
 	$(BIN)/wsi-study bench embed --device cuda --slide $(GPU_SLIDE) --encoder random:vit_large_patch16_224 --batch-size 128 \
 		--workers $(GPU_READERS) --patches 4000 --rounds 3 --no-tiatoolbox --out results/bench_cuda/vit_large
+	$(BIN)/wsi-study bench mil --device cuda --out results/bench_cuda/mil
 
 DEV_FEATURES := results/demo_dev/features/2mpp_224px_0px/efficientnet_lite0
 tune: install   ## choose the MIL defaults on demo_dev (100 patients) and check the stage head's weight on demo_small_dev (40), never on demo (~50 min; ~45 with their features built)

@@ -1,8 +1,9 @@
-"""embed_slide's CUDA path (pinned batches, channels-last, autocast), for a machine with a GPU: `make gpu-check`.
+"""embed_slide's CUDA path (pinned batches, channels-last, autocast) and MIL training on the GPU, for a machine with a GPU: `make gpu-check`.
 
 Skipped where torch sees no CUDA GPU, as on the 2-core machines this project's CI runs on; the CPU path is covered by
 test_embedding.py. A GPU changes the arithmetic (autocast runs the convolutions in bf16 or fp16) but not the patches,
 so the features must match the CPU's closely, patch by patch, whichever way the batches reach the GPU."""
+import json
 from pathlib import Path
 
 import h5py
@@ -14,6 +15,7 @@ from test_embedding import CMU, grid, write_tiles
 from wsi_study.bench import run_bench
 from wsi_study.embedding import embed_slide
 from wsi_study.encoders import load_encoder
+from wsi_study.evaluation.compare import HEADLINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU here")
 
@@ -51,3 +53,31 @@ def test_bench_embed_on_cuda(tmp_path):
     assert v["embed_vs_forward"]["target"] == "≥ 0.8"  # with autocast, against a pure forward pass on the same GPU
     assert v["embed_vs_tiatoolbox"]["target"] == "≥ 2"  # against TIAToolbox's engine, same model and batches
     assert Path(tmp_path / "bench_embed.md").is_file()
+
+
+def _mil_run(bags, model, task, device, out, **hp):
+    from wsi_study.evaluation.cv import train_cv
+    return train_cv(bags, None, model, task, out, folds=3, seed=0, epochs=30, device=device, progress=False,
+                    n_boot=50, heatmaps=0, **hp)
+
+
+@pytest.mark.parametrize("model,task,hp", [("deepattnmisl", "survival", {"k": 4}),
+                                           ("deepattnmisl", "survival", {"k": 4, "strata_weight": 1.0}),
+                                           ("deepattnmisl", "stage", {"k": 4}), ("abmil", "survival", {}),
+                                           ("clam_sb", "stage", {}), ("maxpool", "survival", {})])
+def test_mil_training_on_cuda(tmp_path, model, task, hp):
+    "train_cv on the GPU: every neural model learns the planted signal there about as well as on the CPU (float32 both)."
+    from wsi_study.models.bags import synthetic_bags
+    bags = synthetic_bags(36, dim=16, seed=0)
+    gpu = _mil_run(bags, model, task, "cuda", tmp_path / "gpu", **hp)
+    cpu = _mil_run(bags, model, task, "cpu", tmp_path / "cpu", **hp)
+    key = HEADLINE[task]
+    assert json.loads((tmp_path / "gpu" / "params.json").read_text())["device"].startswith("cuda")
+    assert gpu[key] > 0.65 and abs(gpu[key] - cpu[key]) < 0.1, (gpu[key], cpu[key])
+
+
+def test_bench_mil_on_cuda(tmp_path):
+    "The MIL benchmark runs on the GPU (its seconds are reported, not asserted)."
+    res = run_bench("mil", tmp_path, device="cuda", patients=64, patches=200, dim=64, progress=False)
+    assert res["device"].startswith("cuda")
+    assert {r["key"] for r in res["measurements"]} >= {"deepattnmisl_epoch_s", "abmil_epoch_s"}

@@ -112,15 +112,17 @@ def patch_truth(truth_npz,  # a demo cohort truth file
 
 def localisation_auc(out_dir,  # a `train_cv` output folder (with attention/)
                      truth_dir,  # the demo cohort's truth/ folder
-                     n_boot: int = 1000, seed: int = 0) -> dict:
-    "Mean per-slide AUC of patch attention against tumour ∪ immune, with a bootstrap CI over slides."
+                     n_boot: int = 1000, seed: int = 0,
+                     masks=("tumour", "immune"),  # the truth masks whose union is the target (e.g. ("tumour",) alone)
+                    ) -> dict:
+    "Mean per-slide AUC of patch attention against the union of `masks` (tumour ∪ immune), with a bootstrap CI over slides."
     from sklearn.metrics import roc_auc_score
     rows = []
     for f in sorted((Path(out_dir) / "attention").glob("*.h5")):
         t = Path(truth_dir) / f"{f.stem}.npz"
         if not t.is_file(): continue
         a = read_attention(f)
-        y = patch_truth(t, a["coords"], a["patch_size_level0"])
+        y = patch_truth(t, a["coords"], a["patch_size_level0"], masks)
         rows.append((f.stem, roc_auc_score(y, a["attention"]) if 0 < y.sum() < len(y) else np.nan, y.mean(), len(y)))
     df = pd.DataFrame(rows, columns=["slide_id", "auc", "positive_fraction", "n_patches"])
     aucs = df.auc.dropna().to_numpy()

@@ -50,7 +50,7 @@ MODEL_DEFAULTS = {
     "deepattnmisl": dict(k=8, hidden=64, attn_hidden=32, dropout=0.5, occupancy=True, max_points=50_000, pool="patch",
                          pca=32, patch_attention="refined", lr=1e-3, l1=1e-5, epochs=200, patience=30,
                          size_prior=True, composition=False, mass=True, mass_grad=False, mass_scale=10.0, split_heads=False,
-                         batch_size=64, stack=False, stack_on="shares"),  # 64: whole risk sets for the Cox loss; mass ×10 (both: nbs/19_cv.ipynb)
+                         batch_size=64, stack=False, stack_on="shares", strata_detach=False),  # 64: whole risk sets for the Cox loss; mass ×10 (both: nbs/19_cv.ipynb)
     "abmil": dict(hidden=128, attn_hidden=64, dropout=0.25, max_patches=None),
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
@@ -89,6 +89,8 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
         raise WsiStudyError(f"stack_on must be 'shares' or 'mass', got {hp['stack_on']!r}")
     if hp.get("stack") and hp.get("stack_on") == "mass" and not hp.get("mass"):
         raise WsiStudyError("stack_on='mass' stacks the attention's log-mass: it needs mass=True")
+    if hp.get("strata_detach") and not hp["strata_weight"]:
+        raise WsiStudyError("strata_detach detaches the attention from the within-stage Cox term: it needs strata_weight > 0")
     if hp["strata_weight"] and (task != "survival" or hp["strata_weight"] < 0):
         raise WsiStudyError(f"strata_weight adds a Cox loss within each true stage: it needs task='survival' and a "
                             f"weight >= 0 (got task={task!r}, strata_weight={hp['strata_weight']})")
@@ -140,7 +142,8 @@ def batch_loss(o: dict, y: dict, net, task: str, hp: dict,
         if extra is not None: parts.append(hp["aux_weight"] * extra)
     if aux and hp.get("strata_weight") and task == "survival":  # the Cox loss again, risk sets within each true stage
         ok = (y["stage"] >= 0) & torch.isfinite(y["time"]) & torch.isfinite(y["event"])
-        within = cox_ph_loss(o["out"][ok.to(o["out"].device)], y["time"][ok], y["event"][ok], hp["ties"], strata=y["stage"][ok])
+        risk = o.get("out_within", o["out"])  # strata_detach: the risk with the attention weights detached
+        within = cox_ph_loss(risk[ok.to(risk.device)], y["time"][ok], y["event"][ok], hp["ties"], strata=y["stage"][ok])
         if within is not None: parts.append(hp["strata_weight"] * within)
     return sum(parts) if parts else None
 

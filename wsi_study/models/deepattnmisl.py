@@ -229,10 +229,11 @@ class DeepAttnMISL(nn.Module):
                  mass_grad: bool = False,  # let the heads' losses reach the attention logits through the log-mass
                  mass_scale: float = 1.0,  # the heads read the log-mass multiplied by this (see below)
                  split_heads: bool = False,  # the second head reads its own final layer of the pooled vector
+                 strata_detach: bool = False,  # also give `out_within`: the risk with the attention weights detached
                 ):
         super().__init__()
         self.size_prior, self.composition, self.mass, self.mass_grad = size_prior, composition, mass, mass_grad
-        self.mass_scale = float(mass_scale)
+        self.mass_scale, self.strata_detach = float(mass_scale), strata_detach
         self.fcn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn = nn.Sequential(nn.Linear(hidden, attn_hidden), nn.Tanh(), nn.Linear(attn_hidden, 1))
@@ -283,5 +284,8 @@ class DeepAttnMISL(nn.Module):
             more.append(self.mass_scale * extra["mass"][:, None])
         def read(z): return torch.cat([z, *more], 1) if more else z
         out = {"out": self.head(read(z)), "attention": a, **extra}
+        if self.strata_detach:  # the same risk, but a loss on it cannot move the attention over the clusters
+            pooled_d = (a.detach()[..., None] * torch.where(mask[..., None], h, torch.zeros_like(h))).sum(1)
+            out["out_within"] = self.head(read(self.rho(pooled_d)))
         if self.aux_head is not None: out["aux_out"] = self.aux_head(read(z if self.aux_rho is None else self.aux_rho(pooled)))
         return out

@@ -110,15 +110,14 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
              device="auto") -> pd.DataFrame:
     "Run every (combination, seed) of `grid` not yet in `out/sweep.csv` under the same settings; the rows of this grid."
     if any(len(v) == 0 for v in grid.values()): raise WsiStudyError("every --grid entry needs at least one value")
-    model_params(model, task, **fixed)  # unknown names and values of the wrong kind fail here, before any run
-    for k, values in grid.items():
-        for v in values: model_params(model, task, **{**fixed, k: v})
+    combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
+    model_params(model, task, **fixed)  # unknown names, values of the wrong kind and settings that do not go together
+    for c in combos: model_params(model, task, **fixed, **c)  # fail here, before any run
     twice = sorted({s for s in seeds if list(seeds).count(s) > 1})
     if twice: raise WsiStudyError(f"--seeds: {', '.join(map(str, twice))} given twice; each split seed is one cross-validation")
     out.mkdir(parents=True, exist_ok=True)
     table = out / "sweep.csv"
     runs = pd.read_csv(table, dtype={"settings": str, "data": str, "code": str}) if table.is_file() else pd.DataFrame()  # hashes stay text
-    combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
     bags = manifest if isinstance(manifest, Bags) else load_bags(manifest, features_dir, None, task)
     truth = _truth_dir(manifest, truth)
     prints = {"data": data_fingerprint(bags, truth), "code": code_fingerprint()}

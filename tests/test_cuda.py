@@ -62,7 +62,7 @@ def _mil_run(bags, model, task, device, out, **hp):
 
 
 @pytest.mark.parametrize("model,task,hp", [("deepattnmisl", "survival", {"k": 4}),
-                                           ("deepattnmisl", "survival", {"k": 4, "strata_weight": 1.0}),
+                                           ("deepattnmisl", "survival", {"k": 4, "strata_weight": 1.0, "strata_detach": True}),
                                            ("deepattnmisl", "stage", {"k": 4}), ("abmil", "survival", {}),
                                            ("clam_sb", "stage", {}), ("maxpool", "survival", {})])
 def test_mil_training_on_cuda(tmp_path, model, task, hp):

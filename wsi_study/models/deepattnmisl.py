@@ -273,7 +273,8 @@ class DeepAttnMISL(nn.Module):
             extra["relevance"] = masked_softmax(logits, mask)  # the phenotypes' scores without their sizes
             logits = logits + torch.log(n.to(logits.dtype).clamp(min=1))
         a = masked_softmax(logits, mask)
-        pooled = (a[..., None] * torch.where(mask[..., None], h, torch.zeros_like(h))).sum(1)
+        h = torch.where(mask[..., None], h, torch.zeros_like(h))  # empty clusters add nothing to the pooled vector
+        pooled = (a[..., None] * h).sum(1)
         z, more = self.rho(pooled), []
         if self.composition:
             if n is None: raise WsiStudyError("composition needs the cluster sizes: pass `counts` (or `group`)")
@@ -285,7 +286,6 @@ class DeepAttnMISL(nn.Module):
         def read(z): return torch.cat([z, *more], 1) if more else z
         out = {"out": self.head(read(z)), "attention": a, **extra}
         if self.strata_detach:  # the same risk, but a loss on it cannot move the attention over the clusters
-            pooled_d = (a.detach()[..., None] * torch.where(mask[..., None], h, torch.zeros_like(h))).sum(1)
-            out["out_within"] = self.head(read(self.rho(pooled_d)))
+            out["out_within"] = self.head(read(self.rho((a.detach()[..., None] * h).sum(1))))
         if self.aux_head is not None: out["aux_out"] = self.aux_head(read(z if self.aux_rho is None else self.aux_rho(pooled)))
         return out

@@ -81,10 +81,12 @@ def cmd_embed(args) -> int:
 def cmd_train(args) -> int:
     "Patient-level cross-validation of one MIL model on one task."
     from wsi_study.evaluation.cv import train_cv
+    own = {"epochs", "seed", "seeds", "folds", "device", "splits", "model", "task", "out_dir"} & set(_params(args.param))
+    if own: raise WsiStudyError(f"--param {sorted(own)[0]}: it has a flag of its own (--{sorted(own)[0].replace('_dir', '')})")
     if args.seeds: return _train_repeats(args)
     metrics = train_cv(args.manifest, args.features, model=args.model, task=args.task, out_dir=args.out,
                        folds=args.folds, seed=args.seed or 0, epochs=args.epochs, device=args.device, splits=args.splits,
-                       progress=not args.quiet)
+                       progress=not args.quiet, **_params(args.param))
     head = [k for k in ("cindex", "oracle_cindex", "auc_macro", "balanced_accuracy", "localisation_auc") if k in metrics]
     print(f"{args.out}: " + ", ".join(f"{k} {metrics[k]:.3f} [{metrics.get(k + '_ci_low', float('nan')):.3f}, "
                                       f"{metrics.get(k + '_ci_high', float('nan')):.3f}]" for k in head))
@@ -96,7 +98,7 @@ def _train_repeats(args) -> int:
     if args.splits: raise WsiStudyError("--splits fixes the folds and --seeds draws new ones per seed; give one of them")
     if args.seed is not None: raise WsiStudyError("give --seed (one cross-validation) or --seeds (one per seed), not both")
     r = repeat_cv(args.manifest, args.features, args.model, args.task, args.out, folds=args.folds, seeds=args.seeds,
-                  progress=not args.quiet, device=args.device, epochs=args.epochs)
+                  progress=not args.quiet, device=args.device, epochs=args.epochs, **_params(args.param))
     print(r.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"{args.out}/repeats.csv: {len(args.seeds)} split seeds; per-seed runs in {args.out}/seed<S>/")
     return 0
@@ -287,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: the model's)")
     tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     tr.add_argument("--splits", default=None, help="reuse a splits.csv so models are compared on the same folds")
+    tr.add_argument("--param", action="append", metavar="NAME=VALUE",
+                    help="a model or training hyperparameter (repeat for more; e.g. k=16, strata_weight=1): the "
+                         "defaults otherwise, as `train_cv` takes them")
     tr.set_defaults(func=cmd_train)
     tu = sub.add_parser("tune", help="hyperparameter sweep of a MIL model on a development cohort")
     mil_args(tu, "the development cohort's manifest (not the cohort whose results you report)")

@@ -81,12 +81,13 @@ def cmd_embed(args) -> int:
 def cmd_train(args) -> int:
     "Patient-level cross-validation of one MIL model on one task."
     from wsi_study.evaluation.cv import train_cv
-    own = {"epochs", "seed", "seeds", "folds", "device", "splits", "model", "task", "out_dir"} & set(_params(args.param))
+    args.hparams = _params(args.param)  # read once, for one run or for every seed
+    own = {"epochs", "seed", "seeds", "folds", "device", "splits", "model", "task", "out_dir"} & set(args.hparams)
     if own: raise WsiStudyError(f"--param {sorted(own)[0]}: it has a flag of its own (--{sorted(own)[0].replace('_dir', '')})")
     if args.seeds: return _train_repeats(args)
     metrics = train_cv(args.manifest, args.features, model=args.model, task=args.task, out_dir=args.out,
                        folds=args.folds, seed=args.seed or 0, epochs=args.epochs, device=args.device, splits=args.splits,
-                       progress=not args.quiet, **_params(args.param))
+                       progress=not args.quiet, **args.hparams)
     head = [k for k in ("cindex", "oracle_cindex", "auc_macro", "balanced_accuracy", "localisation_auc") if k in metrics]
     print(f"{args.out}: " + ", ".join(f"{k} {metrics[k]:.3f} [{metrics.get(k + '_ci_low', float('nan')):.3f}, "
                                       f"{metrics.get(k + '_ci_high', float('nan')):.3f}]" for k in head))
@@ -98,7 +99,7 @@ def _train_repeats(args) -> int:
     if args.splits: raise WsiStudyError("--splits fixes the folds and --seeds draws new ones per seed; give one of them")
     if args.seed is not None: raise WsiStudyError("give --seed (one cross-validation) or --seeds (one per seed), not both")
     r = repeat_cv(args.manifest, args.features, args.model, args.task, args.out, folds=args.folds, seeds=args.seeds,
-                  progress=not args.quiet, device=args.device, epochs=args.epochs, **_params(args.param))
+                  progress=not args.quiet, device=args.device, epochs=args.epochs, **args.hparams)
     print(r.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"{args.out}/repeats.csv: {len(args.seeds)} split seeds; per-seed runs in {args.out}/seed<S>/")
     return 0

@@ -111,8 +111,9 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
     "Run every (combination, seed) of `grid` not yet in `out/sweep.csv` under the same settings; the rows of this grid."
     if any(len(v) == 0 for v in grid.values()): raise WsiStudyError("every --grid entry needs at least one value")
     combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
-    model_params(model, task, **fixed)  # unknown names, values of the wrong kind and settings that do not go together
-    for c in combos: model_params(model, task, **fixed, **c)  # fail here, before any run
+    for c in combos: model_params(model, task, **fixed, **c)  # unknown names, values of the wrong kind and settings
+                                                              # that do not go together fail here, before any run
+                                                              # (an empty grid is one combination: `fixed` alone)
     twice = sorted({s for s in seeds if list(seeds).count(s) > 1})
     if twice: raise WsiStudyError(f"--seeds: {', '.join(map(str, twice))} given twice; each split seed is one cross-validation")
     out.mkdir(parents=True, exist_ok=True)

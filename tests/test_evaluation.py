@@ -253,6 +253,33 @@ def test_cli_train_writes_the_contract_and_bad_input_exits_2(cohort, tmp_path):
     assert json.loads((tmp_path / "pen" / "params.json").read_text())["penalizer"] == 0.5
 
 
+def test_cli_train_test_manifest_is_an_external_validation(cohort, tmp_path):
+    """`train --test-manifest`: trained on the whole first cohort, predictions and metrics for the test cohort only;
+    the flags that do not go with it are exit 2."""
+    import subprocess
+    from conftest import CLI
+    ext = write_synthetic_cohort(tmp_path / "ext", synthetic_bags(16, dim=16, seed=7))  # the same ids p000... as `cohort`
+    exe = [CLI, "-q", "train", str(cohort), "--features", str(cohort.parent / "features"), "--model", "meanpool"]
+    test = ["--test-manifest", str(ext), "--test-features", str(ext.parent / "features")]
+    r = subprocess.run(exe + ["--task", "stage", "--out", str(tmp_path / "x"), *test], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    pred, sp = pd.read_csv(tmp_path / "x" / "predictions.csv"), pd.read_csv(tmp_path / "x" / "splits.csv")
+    assert sorted(pred.patient_id) == [f"p{i:03d}" for i in range(16)] and set(pred.fold) == {0}
+    assert (sp.role != "test").sum() == 32 and sp[sp.role != "test"].patient_id.str.startswith("train:").all()
+    m = json.loads((tmp_path / "x" / "metrics.json").read_text())
+    assert m["folds"] == 1 and m["train_patients"] == 32 and m["auc_macro"] > 0.7, m
+    r = subprocess.run(exe + ["--out", str(tmp_path / "rep"), "--seeds", "0", "1", *test], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # with --seeds: one external validation per seed
+    assert len(pd.read_csv(tmp_path / "rep" / "seed1" / "predictions.csv")) == 16
+    for bad, msg in ((test[:2], "needs both --test-manifest and --test-features"),
+                     ([*test, "--folds", "3"], "--folds and --test-manifest exclude each other"),
+                     ([*test, "--splits", str(tmp_path / "x" / "splits.csv")], "exclude each other"),
+                     (["--test-manifest", str(ext), "--test-features", str(tmp_path / "nowhere")], "nowhere")):
+        r = subprocess.run(exe + ["--out", str(tmp_path / "bad"), *bad], capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr, r.stderr
+        assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
 def test_cli_train_seeds_is_repeated_cross_validation(cohort, tmp_path):
     """`train --seeds`: one run per split seed, repeats.csv summarises them (ground-truth rows when truth.csv is there)."""
     import shutil

@@ -79,15 +79,23 @@ def cmd_embed(args) -> int:
     return _report_failures(t, args.out)
 
 def cmd_train(args) -> int:
-    "Patient-level cross-validation of one MIL model on one task."
+    "Patient-level cross-validation of one MIL model on one task, or an external validation on a test cohort."
     from wsi_study.evaluation.cv import train_cv
     args.hparams = _params(args.param)  # read once, for one run or for every seed
-    own = {"epochs", "seed", "seeds", "folds", "device", "splits", "model", "task", "out_dir"} & set(args.hparams)
-    if own: raise WsiStudyError(f"--param {sorted(own)[0]}: it has a flag of its own (--{sorted(own)[0].replace('_dir', '')})")
+    own = {"epochs", "seed", "seeds", "folds", "device", "splits", "model", "task", "out_dir", "test_manifest",
+           "test_features"} & set(args.hparams)
+    if own: raise WsiStudyError(f"--param {sorted(own)[0]}: it has a flag of its own (--{sorted(own)[0].replace('_dir', '').replace('_', '-')})")
+    if (args.test_manifest is None) != (args.test_features is None):
+        raise WsiStudyError("an external validation needs both --test-manifest and --test-features")
+    if args.test_manifest is not None and args.folds is not None:
+        raise WsiStudyError("--folds and --test-manifest exclude each other: an external validation is one fold, "
+                            "the whole first cohort training and the test cohort tested")
+    args.folds = 5 if args.folds is None else args.folds
+    args.test = {"test_manifest": args.test_manifest, "test_features": args.test_features}
     if args.seeds: return _train_repeats(args)
     metrics = train_cv(args.manifest, args.features, model=args.model, task=args.task, out_dir=args.out,
                        folds=args.folds, seed=args.seed or 0, epochs=args.epochs, device=args.device, splits=args.splits,
-                       progress=not args.quiet, **args.hparams)
+                       progress=not args.quiet, **args.test, **args.hparams)
     head = [k for k in ("cindex", "oracle_cindex", "auc_macro", "balanced_accuracy", "localisation_auc") if k in metrics]
     print(f"{args.out}: " + ", ".join(f"{k} {metrics[k]:.3f} [{metrics.get(k + '_ci_low', float('nan')):.3f}, "
                                       f"{metrics.get(k + '_ci_high', float('nan')):.3f}]" for k in head))
@@ -99,7 +107,7 @@ def _train_repeats(args) -> int:
     if args.splits: raise WsiStudyError("--splits fixes the folds and --seeds draws new ones per seed; give one of them")
     if args.seed is not None: raise WsiStudyError("give --seed (one cross-validation) or --seeds (one per seed), not both")
     r = repeat_cv(args.manifest, args.features, args.model, args.task, args.out, folds=args.folds, seeds=args.seeds,
-                  progress=not args.quiet, device=args.device, epochs=args.epochs, **args.hparams)
+                  progress=not args.quiet, device=args.device, epochs=args.epochs, **args.test, **args.hparams)
     print(r.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"{args.out}/repeats.csv: {len(args.seeds)} split seeds; per-seed runs in {args.out}/seed<S>/")
     return 0
@@ -279,10 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
         p.add_argument("--model", default="deepattnmisl", choices=["deepattnmisl", "abmil", "clam_sb", "maxpool", "meanpool", "stage_cox"])
         p.add_argument("--task", default="survival", choices=["survival", "stage"])
-    tr = sub.add_parser("train", help="patient-level cross-validation of a MIL model (survival or stage)")
+    tr = sub.add_parser("train", help="patient-level cross-validation of a MIL model (survival or stage), or with "
+                                      "--test-manifest an external validation")
     mil_args(tr, "manifest CSV with labels (stage, survival_months, event)")
     tr.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv, splits.csv, figures/")
-    tr.add_argument("--folds", type=int, default=5, help="patient-level folds")
+    tr.add_argument("--folds", type=int, default=None, help="patient-level folds (default 5)")
     tr.add_argument("--seed", type=int, default=None, help="split seed (default 0)")
     tr.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
                     help="repeated cross-validation: one run per split seed in OUT/seed<S>/, mean/sd/min/max over "
@@ -290,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: the model's)")
     tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     tr.add_argument("--splits", default=None, help="reuse a splits.csv so models are compared on the same folds")
+    tr.add_argument("--test-manifest", default=None, metavar="MANIFEST",
+                    help="external validation: train on every patient of MANIFEST, test on this cohort's patients")
+    tr.add_argument("--test-features", default=None, metavar="DIR", help="the test cohort's feature folder")
     tr.add_argument("--param", action="append", metavar="NAME=VALUE",
                     help="a model or training hyperparameter (repeat for more; e.g. k=16, strata_weight=1): the "
                          "defaults otherwise, as `train_cv` takes them")

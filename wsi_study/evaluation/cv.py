@@ -25,12 +25,12 @@ from ..core import (WsiStudyError, flatten_metrics, get_logger, seed_everything,
 from ..embedding import resolve_device
 from ..manifest import STAGES
 from ..report import km_by_group, save_figure
-from ..models.bags import Bags, load_bags, synthetic_bags, write_features
+from ..models.bags import Bags, join_bags, load_bags, synthetic_bags, write_features
 from ..models.losses import cox_ph_loss, task_loss, task_predict
 from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
 from ..models.baselines import MeanPoolBaseline, cox_coefficients, mean_embeddings, stage_onehot
-from .splits import check_splits, fold_indices, load_splits, make_splits, save_splits
+from .splits import check_splits, external_splits, fold_indices, load_splits, make_splits, save_splits
 from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, risk_components, truth_cox
 from .attention import attention_figure, localisation_auc, write_attention
 
@@ -402,6 +402,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
              truth=None,  # the demo cohort's folder (truth.csv, truth/); found beside the manifest by default
              n_boot: int = 1000,  # bootstrap resamples for the intervals
              heatmaps: int = 4,  # slides drawn in figures/attention_heatmaps.png (0: none)
+             test_manifest=None,  # an external validation: train on all of `manifest`, test on this cohort (path, DataFrame or `Bags`)
+             test_features=None,  # the test cohort's folder of feature files
              **hparams,  # model and training hyperparameters, see `model_params`
             ) -> dict:
     "Cross-validate one model on one task; writes predictions, metrics, splits, attention and figures; returns the metrics (+ `seconds`)."
@@ -413,10 +415,19 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     dev = resolve_device(device)
     if dev.type == "cuda": os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     bags = manifest if isinstance(manifest, Bags) else load_bags(manifest, features_dir, encoder, task)
+    if test_manifest is not None:  # one fold: the first cohort trains (and validates), the second is tested
+        if splits is not None: raise WsiStudyError("splits and a test cohort exclude each other: an external validation "
+                                                   "trains on every patient of the first cohort and tests the second")
+        if test_features is None and not isinstance(test_manifest, Bags):
+            raise WsiStudyError(f"{test_manifest}: the test cohort needs its feature folder (test_features)")
+        test = test_manifest if isinstance(test_manifest, Bags) else load_bags(test_manifest, test_features, encoder, task)
+        bags = join_bags(bags, test)
+        sp = check_splits(external_splits(bags.labels, test.patients, task, seed, hp["val_frac"]), bags.labels, task,
+                          must_test=test.patients)
+    elif splits is None: sp = check_splits(make_splits(bags.labels, task, folds, seed, hp["val_frac"]), bags.labels, task)
+    elif isinstance(splits, pd.DataFrame): sp = check_splits(splits.astype({"patient_id": str}), bags.labels, task)
+    else: sp = load_splits(splits, bags.labels, task)
     labels = bags.labels
-    if splits is None: sp = check_splits(make_splits(labels, task, folds, seed, hp["val_frac"]), labels, task)
-    elif isinstance(splits, pd.DataFrame): sp = check_splits(splits.astype({"patient_id": str}), labels, task)
-    else: sp = load_splits(splits, labels, task)
     save_splits(sp, out / "splits.csv")
     shutil.rmtree(out / "attention", ignore_errors=True)
     cache = {"mean": mean_embeddings(bags)} if model == "meanpool" else None
@@ -448,7 +459,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         pred = pred.join(labels[["stage", "stage_index"]])
         metrics = stage_metrics(pred.reset_index().assign(pred_index=pred.pred.map(STAGES.index).to_numpy()), n_boot, seed)
     pred.reset_index().drop(columns=["stage_index"], errors="ignore").to_csv(out / "predictions.csv", index=False)
-    tdir = _truth_dir(manifest, truth)
+    tdir = _truth_dir(manifest if test_manifest is None else test_manifest, truth)
     if tdir is not None and task == "survival" and (tdir / "truth.csv").is_file():
         gt = patient_truth(tdir / "truth.csv")  # read once for the four
         metrics["oracle_cindex"] = oracle_cindex(gt, labels, n_boot, seed)
@@ -458,22 +469,25 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     if tdir is not None and (tdir / "truth").is_dir() and (out / "attention").is_dir():
         loc, per_slide = localisation_auc(out, tdir / "truth", n_boot, seed)
         metrics.update(loc); per_slide.to_csv(out / "localisation.csv", index=False)
-    _figures(out, model, task, pred, pd.DataFrame(history), heatmaps)
+    _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold")
     if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
     done = [b for b in best_epochs if b is not None]
     metrics.update(folds=int(sp.fold.nunique()), seed=seed, best_epoch_mean=float(np.mean(done)) if done else None)
+    if test_manifest is not None: metrics["train_patients"] = int((sp.role != "test").sum())
     write_metrics(out, metrics)  # deterministic: the same seed writes the same file
     seconds = round(time.perf_counter() - t0, 2)
-    write_json(out / "params.json", {"model": model, "task": task, "device": str(dev), "seconds": seconds, **hp})
+    write_json(out / "params.json", {"model": model, "task": task, "device": str(dev), "seconds": seconds, **hp,
+                                     **({"test_manifest": str(test_manifest)} if isinstance(test_manifest, (str, Path)) else {})})
     return {**flatten_metrics(metrics), "seconds": seconds}
 
-def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.DataFrame, heatmaps: int):
+def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.DataFrame, heatmaps: int,
+             scored: str = "out-of-fold"):  # which predictions: out-of-fold, or an external test cohort's
     "KM or confusion matrix, training curves and attention heatmaps of a run (each skipped with a warning if it fails)."
     if task == "survival" and pred.group.nunique() == 2:
-        ax, _ = km_by_group(pred, "group", title=f"{model}: out-of-fold risk groups")
+        ax, _ = km_by_group(pred, "group", title=f"{model}: {scored} risk groups")
         save_figure(ax.figure, out, "km_risk_groups"); plt.close(ax.figure)
     elif task == "stage":
-        ax = plot_confusion(pred.assign(pred_index=pred.pred.map(STAGES.index)), title=f"{model}: out-of-fold stage")
+        ax = plot_confusion(pred.assign(pred_index=pred.pred.map(STAGES.index)), title=f"{model}: {scored} stage")
         save_figure(ax.figure, out, "confusion_matrix"); plt.close(ax.figure)
     if len(history):
         history.to_csv(out / "history.csv", index=False)

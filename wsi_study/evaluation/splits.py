@@ -13,7 +13,7 @@ import pandas as pd
 from ..core import WsiStudyError, atomic_path, get_logger, whole_number
 
 # %% auto #0
-__all__ = ['ROLES', 'strata', 'make_splits', 'check_splits', 'save_splits', 'load_splits', 'fold_indices']
+__all__ = ['ROLES', 'strata', 'make_splits', 'external_splits', 'check_splits', 'save_splits', 'load_splits', 'fold_indices']
 
 # %% ../../nbs/16_splits.ipynb #dde78953
 _log = get_logger("wsi_study.evaluation")
@@ -42,20 +42,49 @@ def make_splits(labels: pd.DataFrame,  # one row per patient, index patient_id (
     kf = StratifiedKFold(folds, shuffle=True, random_state=seed)
     rows = []
     for f, (trv, te) in enumerate(kf.split(pids, y if stratify is not None else np.zeros(len(y)))):
-        n_val = max(1, int(round(val_frac * len(trv)))) if val_frac > 0 else 0
-        if n_val:
-            cnt = np.bincount(y[trv]); k = int((cnt > 0).sum())
-            ok = cnt[cnt > 0].min() >= 2 and k <= n_val <= len(trv) - k  # stratifiable
-            tr, va = train_test_split(trv, test_size=n_val, random_state=seed + f, stratify=y[trv] if ok else None)
-        else:
-            tr, va = trv, np.array([], int)
+        tr, va = _val_split(trv, y, val_frac, seed + f)
         rows += [(pids[i], f, role) for role, ix in (("train", tr), ("val", va), ("test", te)) for i in ix]
+    return _frame(rows, pids)
+
+def _val_split(trv: np.ndarray, y: np.ndarray, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    "Positions `trv` cut into (train, val): a `val_frac` share validates, stratified by `y` where it can be."
+    from sklearn.model_selection import train_test_split
+    n_val = max(1, int(round(val_frac * len(trv)))) if val_frac > 0 else 0
+    if not n_val: return trv, np.array([], int)
+    cnt = np.bincount(y[trv]); k = int((cnt > 0).sum())
+    ok = cnt[cnt > 0].min() >= 2 and k <= n_val <= len(trv) - k  # stratifiable
+    return tuple(train_test_split(trv, test_size=n_val, random_state=seed, stratify=y[trv] if ok else None))
+
+def _frame(rows: list, pids) -> pd.DataFrame:
     out = pd.DataFrame(rows, columns=["patient_id", "fold", "role"])
     order = {p: i for i, p in enumerate(pids)}
     return out.sort_values(["fold", "patient_id"], key=lambda s: s.map(order) if s.name == "patient_id" else s).reset_index(drop=True)
 
+def external_splits(labels: pd.DataFrame,  # both cohorts' patients (a joined `Bags.labels`)
+                    test_ids,  # the test cohort's patients; every other patient trains
+                    task: str = "survival", seed: int = 0,
+                    val_frac: float = 0.2,  # share of the training patients held out for early stopping
+                   ) -> pd.DataFrame:
+    "An external validation as one fold (0): the training cohort in train/val, the test cohort in test."
+    pids, y = labels.index.to_numpy(), strata(labels, task)
+    test = np.isin(pids, list(test_ids))
+    if not test.any() or test.all():
+        raise WsiStudyError(f"an external validation needs patients to train on and to test; got {int((~test).sum())} "
+                            f"training and {int(test.sum())} test patients")
+    if task == "survival":
+        for name, part in (("test", test), ("training", ~test)):
+            if labels.event.to_numpy()[part].sum() == 0:
+                raise WsiStudyError(f"the {name} cohort's {int(part.sum())} patients have no event (death), so "
+                                    f"{'the C-index is undefined' if name == 'test' else 'no Cox model can be fitted'}; "
+                                    "use a cohort with deaths")
+    tr, va = _val_split(np.flatnonzero(~test), y, val_frac, seed)
+    return _frame([(pids[i], 0, role) for role, ix in (("train", tr), ("val", va), ("test", np.flatnonzero(test)))
+                   for i in ix], pids)
+
 # %% ../../nbs/16_splits.ipynb #4319ede1
-def check_splits(splits: pd.DataFrame, labels: pd.DataFrame, task: str = "survival") -> pd.DataFrame:
+def check_splits(splits: pd.DataFrame, labels: pd.DataFrame, task: str = "survival",
+                 must_test=None,  # the patients that must be tested once (default: all; an external validation: the test cohort)
+                ) -> pd.DataFrame:
     "Raise `WsiStudyError` unless every patient is tested once, roles are valid and (survival) every fold has events."
     bad = sorted(set(splits.role) - set(ROLES))
     if bad: raise WsiStudyError(f"splits: unknown roles {bad}; roles are train, val, test")
@@ -64,7 +93,7 @@ def check_splits(splits: pd.DataFrame, labels: pd.DataFrame, task: str = "surviv
     tested = splits[splits.role == "test"].patient_id
     twice = tested[tested.duplicated()].unique()
     if len(twice): raise WsiStudyError(f"splits: patients in more than one test fold: {', '.join(map(str, twice[:8]))}")
-    never = sorted(set(labels.index) - set(tested))
+    never = sorted(set(labels.index if must_test is None else must_test) - set(tested))
     if never: raise WsiStudyError(f"splits: patients in no test fold: {', '.join(map(str, never[:8]))}")
     if task == "survival":
         ev = labels.event

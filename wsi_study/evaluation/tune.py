@@ -20,7 +20,7 @@ from ..core import WsiStudyError, atomic_path, get_logger
 from ..encoders import file_sha256, tensors_sha256
 from .cv import _truth_dir, model_params, train_cv
 from .compare import HEADLINE  # the one headline metric per task, as the model comparison uses
-from ..models.bags import Bags, load_bags
+from ..models.bags import Bags, join_bags, load_bags
 from ..report import save_figure
 
 # %% auto #0
@@ -107,7 +107,7 @@ def sweep(manifest,  # the development cohort's manifest (path or DataFrame), or
     return ranked
 
 def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth, progress, fixed,
-             device="auto") -> pd.DataFrame:
+             device="auto", test_manifest=None, test_features=None) -> pd.DataFrame:
     "Run every (combination, seed) of `grid` not yet in `out/sweep.csv` under the same settings; the rows of this grid."
     if any(len(v) == 0 for v in grid.values()): raise WsiStudyError("every --grid entry needs at least one value")
     combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
@@ -120,8 +120,11 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
     table = out / "sweep.csv"
     runs = pd.read_csv(table, dtype={"settings": str, "data": str, "code": str}) if table.is_file() else pd.DataFrame()  # hashes stay text
     bags = manifest if isinstance(manifest, Bags) else load_bags(manifest, features_dir, None, task)
-    truth = _truth_dir(manifest, truth)
-    prints = {"data": data_fingerprint(bags, truth), "code": code_fingerprint()}
+    test = {}  # an external validation per seed: the test cohort read once
+    if test_manifest is not None:
+        test = {"test_manifest": test_manifest if isinstance(test_manifest, Bags) else load_bags(test_manifest, test_features, None, task)}
+    truth = _truth_dir(manifest if test_manifest is None else test_manifest, truth)
+    prints = {"data": data_fingerprint(join_bags(bags, test["test_manifest"]) if test else bags, truth), "code": code_fingerprint()}
     keys = {config_name(c): settings_key(model, task, folds, **prints, **fixed, **c) for c in combos}
     if len(runs):  # a row of this grid run under other settings, data or code (a default changed since) is stale: run it again
         stale = runs.config.isin(keys) & (runs.get("settings", pd.Series("", index=runs.index)) != runs.config.map(keys))
@@ -135,7 +138,7 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
     for cfg, s in tqdm(todo, desc=f"{'sweep' if grid else 'repeats'} {model} · {task}", disable=not progress):
         name = config_name(cfg)
         m = train_cv(bags, None, model, task, run_dir(out, name, s), folds=folds, seed=s, progress=False, truth=truth,
-                     n_boot=200, heatmaps=0, device=device, **fixed, **cfg)
+                     n_boot=200, heatmaps=0, device=device, **test, **fixed, **cfg)
         row = {"config": name, "seed": s, "settings": keys[name], **prints, **cfg,
                key: m[key], **{k: m.get(k, np.nan) for k in TRUTH_METRICS}, "seconds": m["seconds"]}
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)
@@ -160,11 +163,13 @@ def repeat_cv(manifest,  # manifest (path or DataFrame) or a `Bags`
               seeds=(0, 1, 2, 3, 4),  # one cross-validation per split seed
               truth=None,  # ground truth folder (default: beside the manifest)
               progress: bool = True, device="auto",
+              test_manifest=None, test_features=None,  # an external validation per seed instead (as `train_cv` takes them)
               **hparams,  # model and training hyperparameters, as for `train_cv`
              ) -> pd.DataFrame:
     "Repeated cross-validation: mean, sd, min and max over split seeds of the headline and ground-truth metrics (`repeats.csv`)."
     out = Path(out_dir)
-    runs = _run_all(manifest, features_dir, model, task, {}, out, folds, seeds, truth, progress, hparams, device)
+    runs = _run_all(manifest, features_dir, model, task, {}, out, folds, seeds, truth, progress, hparams, device,
+                    test_manifest, test_features)
     cols = [c for c in (HEADLINE[task], *TRUTH_METRICS) if c in runs and runs[c].notna().any()]
     summary = runs[cols].agg(["mean", "std", "min", "max"]).T.rename(columns={"std": "sd"})
     summary.insert(0, "seeds", runs[cols].notna().sum())

@@ -19,7 +19,7 @@ from ..embedding import feature_path
 from ..manifest import STAGES, validate_manifest
 
 # %% auto #0
-__all__ = ['TASKS', 'Bags', 'synthetic_bags', 'labelled', 'load_bags', 'write_features']
+__all__ = ['TASKS', 'SPEC_ATTRS', 'Bags', 'synthetic_bags', 'labelled', 'load_bags', 'write_features', 'join_bags']
 
 # %% ../../nbs/11_bags.ipynb #ed621746
 TASKS = ("survival", "stage")
@@ -115,14 +115,24 @@ def labelled(manifest: pd.DataFrame, task: str | None) -> pd.DataFrame:
                      f"{_names(manifest.loc[~ok, 'patient_id'].unique())}")
     return manifest[ok]
 
-def _read_features(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+SPEC_ATTRS = ("encoder", "weights_sha256", "target_mpp", "patch_size")  # what makes two feature files comparable
+
+def _spec(attrs) -> str:
+    "How a feature file was made, from the attributes `embed_cohort` writes ('' when the file records none)."
+    def fmt(k, v):
+        v = v.decode() if isinstance(v, bytes) else v
+        return f"{k}={str(v)[:12] if k == 'weights_sha256' else (f'{float(v):g}' if k == 'target_mpp' else v)}"
+    return " ".join(fmt(k, attrs[k]) for k in SPEC_ATTRS if k in attrs)
+
+def _read_features(path: Path) -> tuple[np.ndarray, np.ndarray, int, str]:
     with h5py.File(path, "r") as f:
         x = np.asarray(f["features"][:], dtype=np.float32)
         c = np.asarray(f["coords"][:], dtype=np.int64).reshape(-1, 2) if "coords" in f else np.zeros((len(x), 2), np.int64)
         ps = int(f.attrs.get("patch_size_level0", f["coords"].attrs.get("patch_size_level0", 0) if "coords" in f else 0))
+        spec = _spec(f.attrs)
     if x.ndim != 2: raise ValueError(f"'features' has shape {x.shape}, expected N×D")
     if len(c) != len(x): raise ValueError(f"{len(x)} feature rows but {len(c)} coords")
-    return x, c, ps
+    return x, c, ps, spec
 
 def load_bags(manifest,  # a validated manifest DataFrame or the path of a manifest CSV
               features_dir,  # folder of `<slide_id>.h5` feature files (or the features root, with `encoder`)
@@ -136,18 +146,19 @@ def load_bags(manifest,  # a validated manifest DataFrame or the path of a manif
     if m.empty: raise WsiStudyError(f"no patient has the labels the {task} task needs")
     where = Path(features_dir)
     path_of = (lambda s: feature_path(where, encoder, s)) if encoder else (lambda s: where / f"{s}.h5")
-    missing, unreadable, nonfinite, dims, data = [], [], [], {}, {}
+    missing, unreadable, nonfinite, dims, specs, data = [], [], [], {}, {}, {}
     for r in tqdm(list(m.itertuples(index=False)), desc="reading features", disable=not progress):
         p = path_of(r.slide_id)
         if not p.is_file(): missing.append(str(r.slide_id)); continue
         try:
-            x, c, ps = _read_features(p)
+            x, c, ps, spec = _read_features(p)
         except (OSError, KeyError, ValueError) as e:
             unreadable.append(f"{r.slide_id} ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"); continue
         bad = int((~np.isfinite(x)).sum())
         if bad: nonfinite.append(f"{r.slide_id} ({bad} values)")
         if len(x): dims.setdefault(x.shape[1], []).append(str(r.slide_id))
-        data[r.slide_id] = (x, c, ps)
+        if spec: specs.setdefault(spec, []).append(str(r.slide_id))
+        data[r.slide_id] = (x, c, ps, spec)
     problems = []
     if missing:
         hint = "" if encoder else " (if this is the features root, pass the encoder name)"
@@ -159,6 +170,9 @@ def load_bags(manifest,  # a validated manifest DataFrame or the path of a manif
         problems.append("embeddings differ in dimension across slides: " +
                         "; ".join(f"D={d} for {_names(s, 4)}" for d, s in sorted(dims.items())) +
                         "; embed every slide with the same encoder")
+    elif len(specs) > 1:  # one dimension, yet another encoder, checkpoint or tiling: features that do not compare
+        problems.append("slides were embedded differently: " + "; ".join(f"{s} for {_names(v, 4)}" for s, v in sorted(specs.items())) +
+                        "; embed every slide with the same encoder, weights, mpp and patch size")
     if problems: raise WsiStudyError("\n".join(problems))
     feats, coords, pslide, srows, lrows, psizes = [], [], [], [], [], []
     for pid, grp in m.groupby("patient_id", sort=False):
@@ -166,9 +180,9 @@ def load_bags(manifest,  # a validated manifest DataFrame or the path of a manif
         if sum(sizes) == 0:
             _log.warning(f"patient {pid} has no patches (slides {_names(grp.slide_id)}); left out"); continue
         for r, n in zip(grp.itertuples(index=False), sizes):
-            x, c, ps = data[r.slide_id]
+            x, c, ps, spec = data[r.slide_id]
             pslide.append(np.full(n, len(srows), np.int64)); feats.append(x); coords.append(c)
-            srows.append((str(r.slide_id), str(pid), str(r.path), ps, n))
+            srows.append((str(r.slide_id), str(pid), str(r.path), ps, n, spec))
         psizes.append(sum(sizes))
         r0 = grp.iloc[0]
         st = r0.get("stage") if isinstance(r0.get("stage"), str) else None
@@ -177,7 +191,7 @@ def load_bags(manifest,  # a validated manifest DataFrame or the path of a manif
     if not lrows: raise WsiStudyError("no patient has any patch; check the tiling and embedding outputs")
     return Bags(torch.from_numpy(np.concatenate(feats)), np.concatenate([[0], np.cumsum(psizes)]).astype(np.int64),
                 np.concatenate(coords), np.concatenate(pslide),
-                pd.DataFrame(srows, columns=["slide_id", "patient_id", "path", "patch_size_level0", "n_patches"]),
+                pd.DataFrame(srows, columns=["slide_id", "patient_id", "path", "patch_size_level0", "n_patches", "spec"]),
                 pd.DataFrame(lrows, columns=["patient_id", "stage", "stage_index", "survival_months", "event"])
                 .set_index("patient_id"))
 
@@ -186,6 +200,7 @@ def write_features(path,  # the `.h5` file to write
                    features,  # N×D array
                    coords=None,  # N×2 level-0 top-lefts (default: a row of 224-px patches)
                    patch_size_level0: int = 224,
+                   **attrs,  # how the features were made, as `embed_cohort` records it (encoder=..., target_mpp=...)
                   ) -> Path:
     "Write a feature file in the layout `embed_cohort` writes (for tests and examples)."
     x = np.asarray(features, dtype=np.float32)
@@ -193,5 +208,29 @@ def write_features(path,  # the `.h5` file to write
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f.create_dataset("features", data=x); f.create_dataset("coords", data=np.asarray(c, dtype=np.int64))
-        f.attrs.update(patch_size_level0=patch_size_level0, n_patches=len(x))
+        f.attrs.update(patch_size_level0=patch_size_level0, n_patches=len(x), **attrs)
     return Path(path)
+
+# %% ../../nbs/11_bags.ipynb #0170b1bc
+def join_bags(first: Bags,  # the cohort listed first (the training cohort of an external validation)
+              second: Bags,  # the other cohort (the test cohort); its ids are kept
+              prefix: str = "train:",  # put before `first`'s patient and slide ids
+             ) -> Bags:
+    "One `Bags` of two cohorts embedded alike: `first`'s patients (ids prefixed) then `second`'s."
+    if first.dim != second.dim:
+        raise WsiStudyError(f"the training cohort's embeddings have D={first.dim} and the test cohort's D={second.dim}; "
+                            "embed both cohorts with the same encoder")
+    made = [sorted(set(b.slides.get("spec", pd.Series(dtype=str))) - {""}) for b in (first, second)]
+    if all(made) and made[0] != made[1]:
+        raise WsiStudyError(f"the cohorts were embedded differently: {'; '.join(made[0])} (training) against "
+                            f"{'; '.join(made[1])} (test); embed both with the same encoder, weights, mpp and patch size")
+    s1 = first.slides.assign(slide_id=prefix + first.slides.slide_id.astype(str), patient_id=prefix + first.slides.patient_id.astype(str))
+    labels = pd.concat([first.labels.rename(index=lambda p: prefix + str(p)), second.labels])
+    twice = labels.index[labels.index.duplicated()].unique().tolist()
+    if twice: raise WsiStudyError(f"patients {_names(twice)} are in both cohorts after the prefix {prefix!r}; give another prefix")
+    return Bags(torch.cat([first.features, second.features]),
+                np.concatenate([first.offsets, first.offsets[-1] + second.offsets[1:]]).astype(np.int64),
+                np.concatenate([first.coords, second.coords]),
+                np.concatenate([first.patch_slide, second.patch_slide + len(first.slides)]).astype(np.int64),
+                pd.concat([s1, second.slides], ignore_index=True), labels)
+

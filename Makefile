@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test export clean-results bench gpu-check tune repeats twins check tiling-check draws cohorts lock
+.PHONY: install study demo test export clean-results bench gpu-check tune repeats external twins check tiling-check draws cohorts lock
 
 install: $(STAMP)
 
@@ -80,6 +80,18 @@ repeats: install  ## after make study: the demo's survival models cross-validate
 	$(BIN)/wsi-study compare-seeds $(foreach m,deepattnmisl abmil meanpool stage_cox,results/demo/repeats/$(m)_survival) \
 		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --target "truth_cox_gap<=0" \
 		--out results/demo/repeats/compare
+
+EXTERNAL := results/demo/external
+external: install  ## after make study: train on demo_dev (100 patients; features built when missing), test on the demo (40), split seeds 0-9: an external validation
+	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --only 10_tiling --only 20_embedding --out results
+	for m in deepattnmisl abmil meanpool stage_cox; do \
+		$(BIN)/wsi-study train data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model $$m --task survival --seeds $(SEEDS) \
+			--test-manifest data/demo/manifest.csv --test-features $(DEMO_FEATURES) --out $(EXTERNAL)/$${m}_survival || exit $$?; \
+	done
+	$(BIN)/wsi-study train data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model deepattnmisl --task stage --seeds $(SEEDS) \
+		--test-manifest data/demo/manifest.csv --test-features $(DEMO_FEATURES) --out $(EXTERNAL)/deepattnmisl_stage
+	$(BIN)/wsi-study compare-seeds $(foreach m,deepattnmisl abmil meanpool stage_cox,$(EXTERNAL)/$(m)_survival) \
+		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --out $(EXTERNAL)/compare
 
 # the cohorts' features (built when missing), then DeepAttnMISL cross-validated on each over split seeds 0-9
 define deepattnmisl_repeats

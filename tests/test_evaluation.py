@@ -256,8 +256,11 @@ def test_cli_train_writes_the_contract_and_bad_input_exits_2(cohort, tmp_path):
 def test_cli_train_test_manifest_is_an_external_validation(cohort, tmp_path):
     """`train --test-manifest`: trained on the whole first cohort, predictions and metrics for the test cohort only;
     the flags that do not go with it are exit 2."""
+    import shutil
     import subprocess
     from conftest import CLI
+    shutil.copytree(cohort.parent, tmp_path / "dev")  # a copy: truth.csv is written beside it below
+    cohort = tmp_path / "dev" / "manifest.csv"
     ext = write_synthetic_cohort(tmp_path / "ext", synthetic_bags(16, dim=16, seed=7))  # the same ids p000... as `cohort`
     exe = [CLI, "-q", "train", str(cohort), "--features", str(cohort.parent / "features"), "--model", "meanpool"]
     test = ["--test-manifest", str(ext), "--test-features", str(ext.parent / "features")]
@@ -268,9 +271,19 @@ def test_cli_train_test_manifest_is_an_external_validation(cohort, tmp_path):
     assert (sp.role != "test").sum() == 32 and sp[sp.role != "test"].patient_id.str.startswith("train:").all()
     m = json.loads((tmp_path / "x" / "metrics.json").read_text())
     assert m["folds"] == 1 and m["train_patients"] == 32 and m["auc_macro"] > 0.7, m
+    for man in (cohort, ext):  # ground truth beside both manifests: the test cohort's scores, the training cohort's fits
+        lab = pd.read_csv(man)  # the truth-Cox reference (a known latent risk: shorter survival, higher risk)
+        lab.assign(latent_risk=-np.log(lab.survival_months), tumour_fraction=np.linspace(0, 1, len(lab)))[
+            ["slide_id", "patient_id", "stage", "latent_risk", "tumour_fraction"]].to_csv(man.parent / "truth.csv", index=False)
     r = subprocess.run(exe + ["--out", str(tmp_path / "rep"), "--seeds", "0", "1", *test], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr  # with --seeds: one external validation per seed
     assert len(pd.read_csv(tmp_path / "rep" / "seed1" / "predictions.csv")) == 16
+    runs = pd.read_csv(tmp_path / "rep" / "sweep.csv")
+    assert runs.oracle_cindex.notna().all() and runs.truth_cox_cindex.notna().all(), runs.T
+    (cohort.parent / "truth.csv").unlink()  # no training truth: nothing to fit the reference on, the rest stays
+    r = subprocess.run(exe + ["--out", str(tmp_path / "one"), *test], capture_output=True, text=True)
+    m = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert r.returncode == 0 and "oracle_cindex" in m and "truth_cox_cindex" not in m, r.stderr
     for bad, msg in ((test[:2], "needs both --test-manifest and --test-features"),
                      ([*test, "--folds", "3"], "--folds and --test-manifest exclude each other"),
                      ([*test, "--splits", str(tmp_path / "x" / "splits.csv")], "exclude each other"),

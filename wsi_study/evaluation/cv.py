@@ -25,7 +25,7 @@ from ..core import (WsiStudyError, flatten_metrics, get_logger, seed_everything,
 from ..embedding import resolve_device
 from ..manifest import STAGES
 from ..report import km_by_group, save_figure
-from ..models.bags import Bags, join_bags, load_bags, synthetic_bags, write_features
+from ..models.bags import TRAIN_PREFIX, Bags, join_bags, load_bags, synthetic_bags, write_features
 from ..models.losses import cox_ph_loss, task_loss, task_predict
 from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
@@ -368,6 +368,12 @@ def _truth_dir(manifest, truth) -> Path | None:
         return Path(manifest).parent
     return None
 
+def _training_truth(gt: pd.DataFrame, pred: pd.DataFrame, labels: pd.DataFrame, tdir: Path | None):
+    "An external validation's truth and predictions with the training cohort's patients (no risk, fold -1) added, for `truth_cox` to fit on."
+    if tdir is None or not (tdir / "truth.csv").is_file(): return gt, pred  # `truth_cox` then finds nothing to fit on: {}
+    fit = labels.drop(index=pred.index)[["survival_months", "event"]].assign(fold=-1)  # no `risk`: NaN in the concat
+    return pd.concat([patient_truth(tdir / "truth.csv").rename(index=lambda p: TRAIN_PREFIX + p), gt]), pd.concat([fit, pred])
+
 def _curves(history: pd.DataFrame, title: str):
     if "refit" in history: history = history[history.refit != True]  # refits have no validation curve  # noqa: E712
     if "member" in history: history = history[history.member == 0]  # an ensemble: the first member's curves
@@ -404,6 +410,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
              heatmaps: int = 4,  # slides drawn in figures/attention_heatmaps.png (0: none)
              test_manifest=None,  # an external validation: train on all of `manifest`, test on this cohort (path, DataFrame or `Bags`)
              test_features=None,  # the test cohort's folder of feature files
+             train_truth=None,  # the training cohort's ground truth folder (default: beside `manifest`); fits the truth-Cox reference
              **hparams,  # model and training hyperparameters, see `model_params`
             ) -> dict:
     "Cross-validate one model on one task; writes predictions, metrics, splits, attention and figures; returns the metrics (+ `seconds`)."
@@ -465,7 +472,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         metrics["oracle_cindex"] = oracle_cindex(gt, labels, n_boot, seed)
         metrics.update(oracle_gap(gt, pred, n_boot, seed))
         metrics.update(risk_components(gt, pred))
-        metrics.update(truth_cox(gt, pred, n_boot, seed))
+        if test_manifest is None: metrics.update(truth_cox(gt, pred, n_boot, seed))
+        else: metrics.update(truth_cox(*_training_truth(gt, pred, labels, _truth_dir(manifest, train_truth)), n_boot, seed))
     if tdir is not None and (tdir / "truth").is_dir() and (out / "attention").is_dir():
         loc, per_slide = localisation_auc(out, tdir / "truth", n_boot, seed)
         metrics.update(loc); per_slide.to_csv(out / "localisation.csv", index=False)

@@ -190,8 +190,8 @@ def truth_cox(truth_csv,  # a synthetic cohort's truth.csv, or its `patient_trut
     r = truth_cox_risk(truth_csv, pred)
     if r.empty: return {}
     p = (pred.set_index("patient_id") if "patient_id" in pred else pred)[["risk", "survival_months", "event"]]
-    p = p.join(r, how="inner").dropna(subset=["truth_cox_risk"])
-    if p.empty: return {}  # one fold (an external validation): no other fold's patients to fit it on
+    p = p.join(r, how="inner").dropna(subset=["truth_cox_risk", "risk"])  # a patient without a risk only helps fit it
+    if p.empty: return {}  # e.g. one fold alone: no other fold's patients to fit it on
     t, e, ref, m = (p[c].to_numpy(float) for c in ("survival_months", "event", "truth_cox_risk", "risk"))
     return {"truth_cox_cindex": bootstrap(lambda i: harrell_cindex(t[i], ref[i], e[i]), len(p), n_boot, seed),
             "truth_cox_gap": bootstrap(lambda i: harrell_cindex(t[i], ref[i], e[i]) - harrell_cindex(t[i], m[i], e[i]),

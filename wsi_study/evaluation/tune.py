@@ -123,6 +123,7 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
     test = {}  # an external validation per seed: the test cohort read once
     if test_manifest is not None:
         test = {"test_manifest": test_manifest if isinstance(test_manifest, Bags) else load_bags(test_manifest, test_features, None, task)}
+    if test_manifest is not None: test["train_truth"] = _truth_dir(manifest, None)  # `manifest` reaches train_cv as `Bags`
     truth = _truth_dir(manifest if test_manifest is None else test_manifest, truth)
     prints = {"data": data_fingerprint(join_bags(bags, test["test_manifest"]) if test else bags, truth), "code": code_fingerprint()}
     keys = {config_name(c): settings_key(model, task, folds, **prints, **fixed, **c) for c in combos}

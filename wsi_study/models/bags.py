@@ -19,7 +19,8 @@ from ..embedding import feature_path
 from ..manifest import STAGES, validate_manifest
 
 # %% auto #0
-__all__ = ['TASKS', 'SPEC_ATTRS', 'Bags', 'synthetic_bags', 'labelled', 'load_bags', 'write_features', 'join_bags']
+__all__ = ['TASKS', 'SPEC_ATTRS', 'TRAIN_PREFIX', 'Bags', 'synthetic_bags', 'labelled', 'load_bags', 'write_features',
+           'join_bags']
 
 # %% ../../nbs/11_bags.ipynb #ed621746
 TASKS = ("survival", "stage")
@@ -212,9 +213,11 @@ def write_features(path,  # the `.h5` file to write
     return Path(path)
 
 # %% ../../nbs/11_bags.ipynb #0170b1bc
+TRAIN_PREFIX = "train:"  # what `join_bags` puts before the training cohort's ids
+
 def join_bags(first: Bags,  # the cohort listed first (the training cohort of an external validation)
               second: Bags,  # the other cohort (the test cohort); its ids are kept
-              prefix: str = "train:",  # put before `first`'s patient and slide ids
+              prefix: str = TRAIN_PREFIX,  # put before `first`'s patient and slide ids
              ) -> Bags:
     "One `Bags` of two cohorts embedded alike: `first`'s patients (ids prefixed) then `second`'s."
     if first.dim != second.dim:

@@ -20,7 +20,7 @@ from ..core import WsiStudyError, atomic_path, get_logger
 from ..encoders import file_sha256, tensors_sha256
 from .cv import _truth_dir, model_params, train_cv
 from .compare import HEADLINE  # the one headline metric per task, as the model comparison uses
-from ..models.bags import Bags, join_bags, load_bags
+from ..models.bags import Bags, load_bags
 from ..report import save_figure
 
 # %% auto #0
@@ -120,12 +120,15 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
     table = out / "sweep.csv"
     runs = pd.read_csv(table, dtype={"settings": str, "data": str, "code": str}) if table.is_file() else pd.DataFrame()  # hashes stay text
     bags = manifest if isinstance(manifest, Bags) else load_bags(manifest, features_dir, None, task)
-    test = {}  # an external validation per seed: the test cohort read once
-    if test_manifest is not None:
-        test = {"test_manifest": test_manifest if isinstance(test_manifest, Bags) else load_bags(test_manifest, test_features, None, task)}
-    if test_manifest is not None: test["train_truth"] = _truth_dir(manifest, None)  # `manifest` reaches train_cv as `Bags`
     truth = _truth_dir(manifest if test_manifest is None else test_manifest, truth)
-    prints = {"data": data_fingerprint(join_bags(bags, test["test_manifest"]) if test else bags, truth), "code": code_fingerprint()}
+    test = {}  # an external validation per seed: the test cohort read once, the training cohort's truth found here
+    if test_manifest is not None:  # (`manifest` reaches train_cv as `Bags`, whose folder it cannot know)
+        test = {"test_manifest": test_manifest if isinstance(test_manifest, Bags) else load_bags(test_manifest, test_features, None, task),
+                "train_truth": _truth_dir(manifest, None)}
+        data = hashlib.sha1((data_fingerprint(bags, test["train_truth"]) + data_fingerprint(test["test_manifest"], truth))
+                            .encode()).hexdigest()[:12]  # both cohorts and both truths
+    else: data = data_fingerprint(bags, truth)
+    prints = {"data": data, "code": code_fingerprint()}
     keys = {config_name(c): settings_key(model, task, folds, **prints, **fixed, **c) for c in combos}
     if len(runs):  # a row of this grid run under other settings, data or code (a default changed since) is stale: run it again
         stale = runs.config.isin(keys) & (runs.get("settings", pd.Series("", index=runs.index)) != runs.config.map(keys))

@@ -293,6 +293,27 @@ def test_cli_train_test_manifest_is_an_external_validation(cohort, tmp_path):
         assert not (tmp_path / "bad" / "metrics.json").exists()
 
 
+def test_cli_predict_applies_the_saved_model(cohort, tmp_path):
+    """`predict MODEL MANIFEST`: the model.pt of an external validation reproduces its test predictions; bad input is exit 2."""
+    import subprocess
+    from conftest import CLI
+    ext = write_synthetic_cohort(tmp_path / "ext", synthetic_bags(16, dim=16, seed=7))
+    r = subprocess.run([CLI, "-q", "train", str(cohort), "--features", str(cohort.parent / "features"), "--model", "abmil",
+                        "--task", "stage", "--epochs", "3", "--out", str(tmp_path / "x"), "--test-manifest", str(ext),
+                        "--test-features", str(ext.parent / "features")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    exe = [CLI, "-q", "predict", str(tmp_path / "x" / "model.pt"), str(ext), "--features", str(ext.parent / "features")]
+    r = subprocess.run(exe + ["--out", str(tmp_path / "p")], capture_output=True, text=True)
+    assert r.returncode == 0 and "16 patients predicted" in r.stdout and "auc_macro" in r.stdout, r.stderr
+    a, b = (pd.read_csv(tmp_path / f / "predictions.csv") for f in ("x", "p"))
+    assert a.patient_id.tolist() == b.patient_id.tolist() and np.allclose(a[PROB_COLS], b[PROB_COLS], atol=1e-5)
+    wide = write_synthetic_cohort(tmp_path / "wide", synthetic_bags(4, dim=8))
+    for args, msg in (([str(tmp_path / "none.pt"), str(ext), "--features", str(ext.parent / "features")], "no such model file"),
+                      ([str(tmp_path / "x" / "model.pt"), str(wide), "--features", str(wide.parent / "features")], "D=8")):
+        r = subprocess.run([CLI, "predict", *args, "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr, r.stderr
+
+
 def test_cli_train_seeds_is_repeated_cross_validation(cohort, tmp_path):
     """`train --seeds`: one run per split seed, repeats.csv summarises them (ground-truth rows when truth.csv is there)."""
     import shutil

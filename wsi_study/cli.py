@@ -13,9 +13,9 @@ from pathlib import Path
 from .core import WsiStudyError, get_logger, project_root
 
 # %% auto #0
-__all__ = ['cmd_validate', 'default_real_slides', 'cmd_demo_data', 'cmd_tile', 'cmd_embed', 'cmd_train', 'cmd_tune',
-           'cmd_compare_seeds', 'cmd_summarise_seeds', 'cmd_check_default', 'bench_params', 'cmd_bench', 'cmd_run',
-           'build_parser', 'main']
+__all__ = ['cmd_validate', 'default_real_slides', 'cmd_demo_data', 'cmd_tile', 'cmd_embed', 'cmd_train', 'cmd_predict',
+           'cmd_tune', 'cmd_compare_seeds', 'cmd_summarise_seeds', 'cmd_check_default', 'bench_params', 'cmd_bench',
+           'cmd_run', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #68503ea8
 def cmd_validate(args) -> int:
@@ -110,6 +110,15 @@ def _train_repeats(args) -> int:
                   progress=not args.quiet, device=args.device, epochs=args.epochs, **args.test, **args.hparams)
     print(r.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"{args.out}/repeats.csv: {len(args.seeds)} split seeds; per-seed runs in {args.out}/seed<S>/")
+    return 0
+
+def cmd_predict(args) -> int:
+    "Apply a saved model (model.pt of an external validation) to a cohort's features."
+    from wsi_study.evaluation.predict import predict_cohort
+    m = predict_cohort(args.model_file, args.manifest, args.features, args.out, device=args.device, progress=not args.quiet)
+    head = [k for k in ("cindex", "oracle_cindex", "auc_macro", "localisation_auc") if k in m]
+    print(f"{args.out}: {int(m['n_patients'])} patients predicted" + "".join(
+        f", {k} {m[k]:.3f} [{m.get(k + '_ci_low', float('nan')):.3f}, {m.get(k + '_ci_high', float('nan')):.3f}]" for k in head))
     return 0
 
 def cmd_tune(args) -> int:
@@ -306,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a model or training hyperparameter (repeat for more; e.g. k=16, strata_weight=1): the "
                          "defaults otherwise, as `train_cv` takes them")
     tr.set_defaults(func=cmd_train)
+    pr = sub.add_parser("predict", help="apply a saved model (model.pt of train --test-manifest) to a cohort's features")
+    pr.add_argument("model_file", metavar="MODEL", help="model.pt written by `wsi-study train ... --test-manifest ...`")
+    pr.add_argument("manifest", help="the cohort's manifest CSV (labels optional: those with labels are scored)")
+    pr.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files, embedded as the model's were")
+    pr.add_argument("--out", required=True, help="folder for predictions.csv, metrics.json, attention/, figures/")
+    pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pr.set_defaults(func=cmd_predict)
     tu = sub.add_parser("tune", help="hyperparameter sweep of a MIL model on a development cohort")
     mil_args(tu, "the development cohort's manifest (not the cohort whose results you report)")
     tu.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",

@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core import (WsiStudyError, flatten_metrics, get_logger, seed_everything, whole_number, write_json,
-                            write_metrics)
+from ..core import (WsiStudyError, atomic_path, flatten_metrics, get_logger, seed_everything, whole_number,
+                            write_json, write_metrics)
 from ..embedding import resolve_device
 from ..manifest import STAGES
 from ..report import km_by_group, save_figure
@@ -35,9 +35,10 @@ from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics,
 from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
-__all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'model_params', 'feature_moments',
-           'other_task', 'batch_loss', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold',
-           'stack_risk', 'kfold', 'member_splits', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
+__all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'model_params',
+           'feature_moments', 'other_task', 'batch_loss', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch',
+           'predict', 'fit_fold', 'stack_risk', 'kfold', 'member_splits', 'save_model', 'load_model', 'pred_rows',
+           'score', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -202,7 +203,9 @@ def predict(net, inputs, idx, task: str, hp: dict, attention: bool = False) -> t
 
 def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, test
              model: str = "deepattnmisl", task: str = "survival", seed: int = 0, device="cpu",
-             progress: bool = False, fold: int = 0, hp: dict | None = None, cache: dict | None = None) -> dict:
+             progress: bool = False, fold: int = 0, hp: dict | None = None, cache: dict | None = None,
+             keep: bool = False,  # also return the members' weights and risk scales and the inputs' fitted state (`members`, `inputs`)
+            ) -> dict:
     "Train one model on one fold; predictions for every patient of the fold, test attention, training history."
     hp = hp or model_params(model, task)
     t0, fit_idx = time.perf_counter(), np.concatenate([idx["train"], idx["val"]])
@@ -217,7 +220,7 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
     subs = [idx] if members <= 1 else member_splits(bags.labels, fit_idx, idx["test"], task, members, seed)
     inputs = make_inputs(bags, model, idx["train"] if members <= 1 else fit_idx, hp, seed, device)
     targets = _targets(bags.labels, device)
-    preds, atts, history, best, masses = [], [], [], [], []
+    preds, atts, history, best, masses, kept = [], [], [], [], [], []
 
     def train(js, group, hp, refit=False):  # networks `js` on role splits `group`, side by side; predictions in `everyone`'s order
         nets, opts = [], []
@@ -228,13 +231,16 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
             opts.append(torch.optim.Adam(nets[-1].parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"]))
         with cpu_threads(hp["threads"], device):
             rs = _fit(nets, inputs, group, targets, opts, task, hp, rng, progress, fold)
-        for j, r in zip(js, rs):
+        for net, j, r in zip(nets, js, rs):
             order = pd.Series(np.arange(len(r["idx"])), index=r["idx"]).loc[everyone].to_numpy()
             p = np.asarray(r["pred"])[order]
             if r["mass"] is not None: masses.append(r["mass"][order])
+            shift, scale = 0.0, 1.0
             if (members > 1 or refit) and task == "survival":  # each model's risk on its own scale: standardise on the fit patients
-                fp = p[:len(fit_idx)]; p = (p - fp.mean()) / (fp.std() or 1.0)
+                fp = p[:len(fit_idx)]; shift, scale = float(fp.mean()), float(fp.std() or 1.0)
+                p = (p - shift) / scale
             preds.append(p); atts.append(r["attention"])
+            if keep: kept.append({"state": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "shift": shift, "scale": scale})
             history.extend({**h, "member": j, **({"refit": True} if refit else {})} for h in r["history"])
         return [r["best_epoch"] for r in rs]
 
@@ -249,7 +255,7 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
             if masses: oob_mass[v] = masses[j][v]
     done = [b for b in best if b is not None]
     if hp["refit"] and done:  # early stopping only measured the length: every fit patient now trains, as many epochs
-        preds.clear(); atts.clear(); masses.clear()
+        preds.clear(); atts.clear(); masses.clear(); kept.clear()
         full = {"train": fit_idx, "val": fit_idx[:0], "test": np.asarray(idx["test"])}
         for j in range(max(members, 1)): train([j], [full], {**hp, "epochs": max(1, round(float(np.median(done))))}, refit=True)
     attention = [np.mean([a[i] for a in atts], 0) for i in range(len(idx["test"]))] if atts[0] else []
@@ -262,7 +268,8 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         _log.info(f"fold {fold}: stacked Cox, {hp.get('stack_on', 'shares')}' penalty {coef['penalty']}: " +
                   ", ".join(f"{k} {v:+.2f}" for k, v in coef.items() if k != "penalty"))
     return {"idx": everyone, "pred": pred, "attention": attention, "history": history, "stack": coef,
-            "best_epoch": float(np.mean(done)) if done else None, "seconds": time.perf_counter() - t0}
+            "best_epoch": float(np.mean(done)) if done else None, "seconds": time.perf_counter() - t0,
+            **({"members": kept, "inputs": inputs.state(), "dim": inputs.dim} if keep else {})}
 
 STACK_PENALTIES = (0.03, 0.1, 0.3, 1.0)  # the covariates' L2 penalties `stack=True` chooses from (or none of them)
 
@@ -368,6 +375,63 @@ def _truth_dir(manifest, truth) -> Path | None:
         return Path(manifest).parent
     return None
 
+MODEL_FORMAT = 1  # model.pt's layout: bump when it changes
+
+def save_model(path, bundle: dict) -> Path:
+    "Write a trained model (tensors and plain values only) atomically; `load_model` reads it back."
+    with atomic_path(path, suffix=".pt") as tmp: torch.save({"format": MODEL_FORMAT, **bundle}, tmp)
+    return Path(path)
+
+def load_model(path) -> dict:
+    "Read a model written by `save_model`; tensors and plain values only (`weights_only`: loading runs no code)."
+    path = Path(path)
+    if not path.is_file():
+        raise WsiStudyError(f"{path}: no such model file; `wsi-study train ... --test-manifest ...` writes model.pt")
+    try: b = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e: raise WsiStudyError(f"{path}: not a wsi-study model file ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+    if not isinstance(b, dict) or b.get("format") != MODEL_FORMAT:
+        raise WsiStudyError(f"{path}: not a wsi-study model file of format {MODEL_FORMAT}; train it again with this version")
+    return b
+
+def pred_rows(ids, values, fold, task: str,
+              scale: tuple | None = None,  # survival: (mean, sd, median) of the training patients' risk
+             ) -> list[dict]:
+    "Rows of predictions.csv: the risk standardised on the training patients, the raw risk and the high/low group (cut at their median), or the stage probabilities and the predicted stage."
+    if task == "survival":
+        mu, sd, thr = scale
+        return [{"patient_id": pid, "fold": int(fold), "risk": (v - mu) / sd, "risk_raw": float(v),
+                 "group": "high" if v > thr else "low"} for pid, v in zip(ids, values)]
+    return [{"patient_id": pid, "fold": int(fold), **dict(zip(PROB_COLS, map(float, p))), "pred": STAGES[int(np.argmax(p))]}
+            for pid, p in zip(ids, values)]
+
+def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: Path | None, n_boot: int, seed: int,
+          fit_truth="folds",  # the truth-Cox reference: "folds" (on the other folds), a training cohort's truth folder, or None
+         ) -> tuple[pd.DataFrame, dict]:
+    """Join the labels to `pred` (index patient_id), write predictions.csv and score the patients that have the task's
+    labels: the task's metrics and, with ground truth in `tdir`, the oracle, the risk's components, the truth-Cox
+    reference and the attention's localisation. Returns the joined predictions and the metrics."""
+    if task == "survival":
+        pred = pred.join(labels[["survival_months", "event"]])
+        known = pred.dropna(subset=["survival_months", "event"])
+        metrics = survival_metrics(known.reset_index(), n_boot, seed) if known.event.sum() > 0 else {}
+    else:
+        pred = pred.join(labels[["stage", "stage_index"]])
+        known = pred[pred.stage_index >= 0]
+        metrics = stage_metrics(known.reset_index().assign(pred_index=known.pred.map(STAGES.index).to_numpy()), n_boot, seed) if len(known) else {}
+    metrics.setdefault("n_patients", len(pred))
+    pred.reset_index().drop(columns=["stage_index"], errors="ignore").to_csv(out / "predictions.csv", index=False)
+    if tdir is not None and task == "survival" and (tdir / "truth.csv").is_file() and "cindex" in metrics:
+        gt = patient_truth(tdir / "truth.csv")  # read once for the four
+        metrics["oracle_cindex"] = oracle_cindex(gt, labels.loc[known.index], n_boot, seed)
+        metrics.update(oracle_gap(gt, known, n_boot, seed))
+        metrics.update(risk_components(gt, known))
+        if fit_truth == "folds": metrics.update(truth_cox(gt, known, n_boot, seed))
+        elif fit_truth is not None: metrics.update(truth_cox(*_training_truth(gt, known, labels, fit_truth), n_boot, seed))
+    if tdir is not None and (tdir / "truth").is_dir() and (out / "attention").is_dir():
+        loc, per_slide = localisation_auc(out, tdir / "truth", n_boot, seed)
+        metrics.update(loc); per_slide.to_csv(out / "localisation.csv", index=False)
+    return pred, metrics
+
 def _training_truth(gt: pd.DataFrame, pred: pd.DataFrame, labels: pd.DataFrame, tdir: Path | None):
     "An external validation's truth and predictions with the training cohort's patients (no risk, fold -1) added, for `truth_cox` to fit on."
     if tdir is None or not (tdir / "truth.csv").is_file(): return gt, pred  # `truth_cox` then finds nothing to fit on: {}
@@ -438,46 +502,31 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     save_splits(sp, out / "splits.csv")
     shutil.rmtree(out / "attention", ignore_errors=True)
     cache = {"mean": mean_embeddings(bags)} if model == "meanpool" else None
+    save = test_manifest is not None and model in NETS and not hp.get("stack")  # the final model: written to model.pt
+    if test_manifest is not None and not save:
+        _log.info(f"model.pt is written for the neural models without stack only; {model} is not saved")
     rows, history, best_epochs, stacks = [], [], [], []
     for f in tqdm(sorted(sp.fold.unique()), desc=f"{model} · {task}", disable=not progress):
         idx = fold_indices(sp, bags.patients, f)
-        r = fit_fold(bags, idx, model, task, seed + int(f), dev, progress, int(f), hp, cache)
+        r = fit_fold(bags, idx, model, task, seed + int(f), dev, progress, int(f), hp, cache, keep=save)
         n_fit = len(idx["train"]) + len(idx["val"])
         pred_fit, pred_test = r["pred"][:n_fit], r["pred"][n_fit:]
-        test_ids = [bags.patients[i] for i in idx["test"]]
-        if task == "survival":
-            mu, sd = float(pred_fit.mean()), float(pred_fit.std()) or 1.0
-            thr = float(np.median(pred_fit))
-            for pid, v in zip(test_ids, pred_test):
-                rows.append({"patient_id": pid, "fold": int(f), "risk": (v - mu) / sd, "risk_raw": float(v),
-                             "group": "high" if v > thr else "low"})
-        else:
-            for pid, p in zip(test_ids, pred_test):
-                rows.append({"patient_id": pid, "fold": int(f), **dict(zip(PROB_COLS, map(float, p))),
-                             "pred": STAGES[int(np.argmax(p))]})
+        scale = (float(pred_fit.mean()), float(pred_fit.std()) or 1.0, float(np.median(pred_fit))) if task == "survival" else None
+        rows += pred_rows([bags.patients[i] for i in idx["test"]], pred_test, f, task, scale)
         if r["attention"]: _write_attention(out, bags, idx["test"], r["attention"], f, model)
         history += r["history"]; best_epochs.append(r["best_epoch"])
         if r.get("stack"): stacks.append({"fold": int(f), **r["stack"]})
     pred = pd.DataFrame(rows).set_index("patient_id").loc[[p for p in bags.patients if p in set(sp[sp.role == "test"].patient_id)]]
-    if task == "survival":
-        pred = pred.join(labels[["survival_months", "event"]])
-        metrics = survival_metrics(pred.reset_index(), n_boot, seed)
-    else:
-        pred = pred.join(labels[["stage", "stage_index"]])
-        metrics = stage_metrics(pred.reset_index().assign(pred_index=pred.pred.map(STAGES.index).to_numpy()), n_boot, seed)
-    pred.reset_index().drop(columns=["stage_index"], errors="ignore").to_csv(out / "predictions.csv", index=False)
     tdir = _truth_dir(manifest if test_manifest is None else test_manifest, truth)
-    if tdir is not None and task == "survival" and (tdir / "truth.csv").is_file():
-        gt = patient_truth(tdir / "truth.csv")  # read once for the four
-        metrics["oracle_cindex"] = oracle_cindex(gt, labels, n_boot, seed)
-        metrics.update(oracle_gap(gt, pred, n_boot, seed))
-        metrics.update(risk_components(gt, pred))
-        if test_manifest is None: metrics.update(truth_cox(gt, pred, n_boot, seed))
-        else: metrics.update(truth_cox(*_training_truth(gt, pred, labels, _truth_dir(manifest, train_truth)), n_boot, seed))
-    if tdir is not None and (tdir / "truth").is_dir() and (out / "attention").is_dir():
-        loc, per_slide = localisation_auc(out, tdir / "truth", n_boot, seed)
-        metrics.update(loc); per_slide.to_csv(out / "localisation.csv", index=False)
+    pred, metrics = score(out, pred, labels, task, tdir, n_boot, seed,
+                          "folds" if test_manifest is None else _truth_dir(manifest, train_truth))
     _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold")
+    if save:
+        made = sorted(set(bags.slides.get("spec", pd.Series(dtype=str))[bags.slides.slide_id.str.startswith(TRAIN_PREFIX)]) - {""})
+        save_model(out / "model.pt", {"model": model, "task": task, "hp": hp, "features_dim": bags.dim, "dim": r["dim"],
+                                      "spec": made, "inputs": r["inputs"], "members": r["members"], "seed": seed,
+                                      "risk": None if scale is None else dict(zip(("mu", "sd", "threshold"), scale)),
+                                      "train_patients": n_fit})
     if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
     done = [b for b in best_epochs if b is not None]
     metrics.update(folds=int(sp.fold.nunique()), seed=seed, best_epoch_mean=float(np.mean(done)) if done else None)
@@ -494,7 +543,7 @@ def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.D
     if task == "survival" and pred.group.nunique() == 2:
         ax, _ = km_by_group(pred, "group", title=f"{model}: {scored} risk groups")
         save_figure(ax.figure, out, "km_risk_groups"); plt.close(ax.figure)
-    elif task == "stage":
+    elif task == "stage" and len(pred):
         ax = plot_confusion(pred.assign(pred_index=pred.pred.map(STAGES.index)), title=f"{model}: {scored} stage")
         save_figure(ax.figure, out, "confusion_matrix"); plt.close(ax.figure)
     if len(history):

@@ -23,10 +23,16 @@ class PatchInputs:
     def __init__(self, bags: Bags, device="cpu",
                  norm: tuple | None = None,  # (mean, sd) of the training patches
                  max_patches: int | None = None,  # during training, at most this many random patches per bag
-                 seed: int = 0):
+                 seed: int = 0,
+                 fitted: dict | None = None):  # `state()` of inputs fitted on other patients: their standardisation
+        if fitted is not None: norm = fitted["norm"]
         self.bags, self.device, self.max_patches = bags, torch.device(device), max_patches
         self.norm = None if norm is None else tuple(torch.as_tensor(v, device=self.device) for v in norm)
         self.dim, self.rng = bags.dim, np.random.default_rng(seed)
+
+    def state(self) -> dict:
+        "What was fitted on the training patients (the standardisation), to apply to another cohort (`fitted=`)."
+        return {"norm": None if self.norm is None else tuple(t.cpu() for t in self.norm)}
 
     def batch(self, idx, train: bool = False) -> dict:
         "Model inputs for patients `idx`: `x` (B, N, D) and `mask` (B, N)."

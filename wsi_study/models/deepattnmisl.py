@@ -134,21 +134,29 @@ class ClusterInputs:
                  occupancy: bool = False,  # append each cluster's share of the patient's patches to its mean
                  pca: int | None = None,  # project cluster means on this many principal components of the training patches
                  pool: str = "patch",  # "patch": MI-FCN on every patch, then the cluster mean; "mean": on cluster means
+                 fitted: dict | None = None,  # `state()` of inputs fitted on other patients: their clusters, axes and
+                                              # standardisation, applied to `bags` (nothing is fitted; `train_idx` unused)
                 ):
+        if fitted is not None:
+            k, norm, occupancy, pool = fitted["k"], fitted["norm"], fitted["occupancy"], fitted["pool"]
         if pool not in ("patch", "mean"): raise WsiStudyError(f"pool must be 'patch' or 'mean', got {pool!r}")
         self.bags, self.k, self.occupancy, self.device, self.pool = bags, k, occupancy, torch.device(device), pool
         self.norm = None if norm is None else tuple(torch.as_tensor(v, device=self.device) for v in norm)
-        rows = np.concatenate([np.arange(bags.offsets[i], bags.offsets[i + 1]) for i in train_idx])
-        g = torch.Generator().manual_seed(seed)
-        if len(rows) > max_points: rows = rows[torch.randperm(len(rows), generator=g)[:max_points].numpy()]
-        pts = self._standardise(bags.features[torch.as_tensor(np.sort(rows))])
-        self.centroids = kmeans_fit(pts, k, seed=seed, max_points=max_points)
-        self.proj = None
-        if pca and pca < bags.dim:  # principal axes of (a sample of) the training patches, from the covariance
-            sub = pts[:20_000]
-            centre = sub.mean(0)
-            evals, evecs = torch.linalg.eigh(((sub - centre).T @ (sub - centre)).double() / max(len(sub) - 1, 1))
-            self.proj = (centre, evecs[:, -pca:].flip(1).float())
+        if fitted is not None:
+            self.centroids = fitted["centroids"].to(self.device)
+            self.proj = None if fitted["proj"] is None else tuple(v.to(self.device) for v in fitted["proj"])
+        else:
+            rows = np.concatenate([np.arange(bags.offsets[i], bags.offsets[i + 1]) for i in train_idx])
+            g = torch.Generator().manual_seed(seed)
+            if len(rows) > max_points: rows = rows[torch.randperm(len(rows), generator=g)[:max_points].numpy()]
+            pts = self._standardise(bags.features[torch.as_tensor(np.sort(rows))])
+            self.centroids = kmeans_fit(pts, k, seed=seed, max_points=max_points)
+            self.proj = None
+            if pca and pca < bags.dim:  # principal axes of (a sample of) the training patches, from the covariance
+                sub = pts[:20_000]
+                centre = sub.mean(0)
+                evals, evecs = torch.linalg.eigh(((sub - centre).T @ (sub - centre)).double() / max(len(sub) - 1, 1))
+                self.proj = (centre, evecs[:, -pca:].flip(1).float())
         # one pass over every patch: clusters, cluster means and (pool="patch") the projected patches, computed once
         axes = self.proj or (torch.zeros(bags.dim, device=self.device), torch.eye(bags.dim, device=self.device))
         res = cluster_summaries(bags.features, bags.offsets, self.centroids, self.norm,
@@ -157,8 +165,14 @@ class ClusterInputs:
         self.patches = res[3] if pool == "patch" else None
         if self.proj is not None and pool == "mean":  # pool="patch": already the means of the projected patches
             self.means = torch.where(self.counts[..., None] > 0, self._project(self.means), 0.0)
-        self.dim = (pca if self.proj is not None else bags.dim) + int(occupancy)
+        self.dim = (self.proj[1].shape[1] if self.proj is not None else bags.dim) + int(occupancy)
         self.share = self.counts / self.counts.sum(1, keepdim=True).clamp(min=1)
+
+    def state(self) -> dict:
+        "What was fitted on the training patients (clusters, axes, standardisation), to apply to another cohort (`fitted=`)."
+        cpu = lambda v: None if v is None else tuple(t.cpu() for t in v)
+        return {"k": self.k, "norm": cpu(self.norm), "occupancy": self.occupancy, "pool": self.pool,
+                "centroids": self.centroids.cpu(), "proj": cpu(self.proj)}
 
     def _standardise(self, x):
         x = x.to(self.device, torch.float32)

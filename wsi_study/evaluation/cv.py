@@ -525,7 +525,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         made = sorted(set(bags.slides.get("spec", pd.Series(dtype=str))[bags.slides.slide_id.str.startswith(TRAIN_PREFIX)]) - {""})
         save_model(out / "model.pt", {"model": model, "task": task, "hp": hp, "features_dim": bags.dim, "dim": r["dim"],
                                       "spec": made, "inputs": r["inputs"], "members": r["members"], "seed": seed,
-                                      "risk": None if scale is None else dict(zip(("mu", "sd", "threshold"), scale)),
+                                      "risk": None if scale is None else {**dict(zip(("mu", "sd", "threshold"), scale)),
+                                          "min": float(pred_fit.min()), "max": float(pred_fit.max())},
                                       "train_patients": n_fit})
     if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
     done = [b for b in best_epochs if b is not None]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import WsiStudyError, flatten_metrics, write_json, write_metrics
+from ..core import WsiStudyError, flatten_metrics, get_logger, write_json, write_metrics
 from ..embedding import resolve_device
 from ..models.abmil import PatchInputs
 from ..models.bags import Bags, load_bags
@@ -24,6 +24,8 @@ from .cv import (NETS, _figures, _kwargs, _truth_dir, _write_attention, load_mod
 __all__ = ['predict_cohort']
 
 # %% ../../nbs/22_predict.ipynb #915b8560
+_log = get_logger("wsi_study.evaluation")
+
 def predict_cohort(model_path,  # a model.pt written by an external validation
                    manifest,  # the cohort's manifest (labels optional), or a `Bags`
                    features_dir,  # its folder of `<slide_id>.h5` feature files
@@ -57,13 +59,19 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
         preds.append((task_predict(o["out"], task, hp["ordinal"]) - m["shift"]) / m["scale"] if task == "survival"
                      else task_predict(o["out"], task, hp["ordinal"]))
         atts.append(att)
-    r = b["risk"]
-    rows = pred_rows(bags.patients, np.mean(preds, 0), 0, task, None if r is None else (r["mu"], r["sd"], r["threshold"]))
+    r, pred = b["risk"], np.mean(preds, 0)
+    beyond = [] if r is None else [p for p, v in zip(bags.patients, pred) if not r["min"] <= v <= r["max"]]
+    if beyond:  # a model says little about patients unlike any it was trained on
+        _log.warning(f"{len(beyond)} of {len(pred)} patients have a risk beyond the training cohort's range "
+                     f"({r['min']:.3g} to {r['max']:.3g}): {', '.join(beyond[:8])}{' …' if len(beyond) > 8 else ''}; "
+                     "their features may be unlike the training cohort's (another stain, scanner, tissue or encoder)")
+    rows = pred_rows(bags.patients, pred, 0, task, None if r is None else (r["mu"], r["sd"], r["threshold"]))
     _write_attention(out, bags, idx, [np.mean([a[i] for a in atts], 0) for i in idx], 0, model)
     pred, metrics = score(out, pd.DataFrame(rows).set_index("patient_id"), bags.labels, task,
                           _truth_dir(manifest, truth), n_boot, seed, fit_truth=None)
     known = pred.dropna(subset=["survival_months", "event"]) if task == "survival" else pred[pred.stage_index >= 0]
     _figures(out, model, task, known, pd.DataFrame(), heatmaps, "predicted")
+    if r is not None: metrics["n_beyond_training"] = len(beyond)
     write_metrics(out, metrics)
     seconds = round(time.perf_counter() - t0, 2)
     write_json(out / "params.json", {"model_file": str(model_path), "model": model, "task": task, "device": str(dev),

@@ -117,7 +117,7 @@ def cmd_predict(args) -> int:
     from wsi_study.evaluation.predict import predict_cohort
     m = predict_cohort(args.model_file, args.manifest, args.features, args.out, device=args.device, progress=not args.quiet)
     head = [k for k in ("cindex", "oracle_cindex", "auc_macro", "localisation_auc") if k in m]
-    print(f"{args.out}: {int(m['n_patients'])} patients predicted" + "".join(
+    print(f"{args.out}: {int(m['n_predicted'])} patients predicted, {int(m['n_patients'])} with labels scored" + "".join(
         f", {k} {m[k]:.3f} [{m.get(k + '_ci_low', float('nan')):.3f}, {m.get(k + '_ci_high', float('nan')):.3f}]" for k in head))
     return 0
 

@@ -418,7 +418,7 @@ def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: 
         pred = pred.join(labels[["stage", "stage_index"]])
         known = pred[pred.stage_index >= 0]
         metrics = stage_metrics(known.reset_index().assign(pred_index=known.pred.map(STAGES.index).to_numpy()), n_boot, seed) if len(known) else {}
-    metrics.setdefault("n_patients", len(pred))
+    metrics.setdefault("n_patients", len(known))  # the patients scored
     pred.reset_index().drop(columns=["stage_index"], errors="ignore").to_csv(out / "predictions.csv", index=False)
     if tdir is not None and task == "survival" and (tdir / "truth.csv").is_file() and "cindex" in metrics:
         gt = patient_truth(tdir / "truth.csv")  # read once for the four

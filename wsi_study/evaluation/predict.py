@@ -71,6 +71,7 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
                           _truth_dir(manifest, truth), n_boot, seed, fit_truth=None)
     known = pred.dropna(subset=["survival_months", "event"]) if task == "survival" else pred[pred.stage_index >= 0]
     _figures(out, model, task, known, pd.DataFrame(), heatmaps, "predicted")
+    metrics["n_predicted"] = len(pred)  # `n_patients`: those scored (with the task's labels)
     if r is not None: metrics["n_beyond_training"] = len(beyond)
     write_metrics(out, metrics)
     seconds = round(time.perf_counter() - t0, 2)

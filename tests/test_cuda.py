@@ -76,6 +76,23 @@ def test_mil_training_on_cuda(tmp_path, model, task, hp):
     assert gpu[key] > 0.65 and abs(gpu[key] - cpu[key]) < 0.1, (gpu[key], cpu[key])
 
 
+@pytest.mark.parametrize("model,task", [("deepattnmisl", "survival"), ("abmil", "stage")])
+def test_saved_model_predicts_on_cuda(tmp_path, model, task):
+    "A model.pt trained on the GPU by an external validation predicts its test cohort the same on the GPU and the CPU."
+    import pandas as pd
+    from wsi_study.evaluation.cv import train_cv
+    from wsi_study.evaluation.predict import predict_cohort
+    from wsi_study.models.bags import synthetic_bags
+    dev, ext = synthetic_bags(32, dim=16, seed=0), synthetic_bags(12, dim=16, seed=5)
+    train_cv(dev, None, model, task, tmp_path / "x", device="cuda", members=2, epochs=5, min_epochs=2, progress=False,
+             n_boot=20, heatmaps=0, test_manifest=ext, **({"k": 4} if model == "deepattnmisl" else {}))
+    for d in ("cuda", "cpu"):
+        predict_cohort(tmp_path / "x" / "model.pt", ext, None, tmp_path / d, device=d, n_boot=20, heatmaps=0, progress=False)
+    a, b = (pd.read_csv(tmp_path / d / "predictions.csv") for d in ("cuda", "cpu"))
+    cols = ["risk"] if task == "survival" else ["prob_A", "prob_B", "prob_C", "prob_D"]
+    assert np.allclose(a[cols], b[cols], atol=1e-4), (a[cols] - b[cols]).abs().max()
+
+
 def test_bench_mil_on_cuda(tmp_path):
     "The MIL benchmark runs on the GPU (its seconds are reported, not asserted)."
     res = run_bench("mil", tmp_path, device="cuda", patients=64, patches=200, dim=64, progress=False)

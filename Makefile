@@ -82,7 +82,7 @@ repeats: install  ## after make study: the demo's survival models cross-validate
 		--out results/demo/repeats/compare
 
 EXTERNAL := results/demo/external
-external: install  ## after make study: train on demo_dev (100 patients; features built when missing), test on the demo (40), split seeds 0-9: an external validation (~6 min of training with their features built)
+external: install  ## after make study: train on demo_dev (100 patients; features built when missing), test on the demo (40), split seeds 0-9: an external validation (~7 min with their features built)
 	$(BIN)/wsi-study run configs/study.yaml --cohort demo_dev --only 10_tiling --only 20_embedding --out results
 	for m in deepattnmisl abmil meanpool stage_cox; do \
 		$(BIN)/wsi-study train data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model $$m --task survival --seeds $(SEEDS) \

@@ -36,9 +36,9 @@ from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'model_params',
-           'feature_moments', 'other_task', 'batch_loss', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch',
-           'predict', 'fit_fold', 'stack_risk', 'kfold', 'member_splits', 'save_model', 'load_model', 'pred_rows',
-           'score', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
+           'feature_moments', 'other_task', 'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches',
+           'train_epoch', 'predict', 'fit_fold', 'stack_risk', 'kfold', 'member_splits', 'save_model', 'load_model',
+           'pred_rows', 'score', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -148,6 +148,11 @@ def batch_loss(o: dict, y: dict, net, task: str, hp: dict,
         if within is not None: parts.append(hp["strata_weight"] * within)
     return sum(parts) if parts else None
 
+def make_net(model: str, dim: int, task: str, hp: dict, device="cpu"):
+    "A neural model for inputs of `dim` with its hyperparameters `hp` (and the other task's head when `aux_weight`)."
+    return NETS[model](dim, task=task, ordinal=hp["ordinal"], aux_task=other_task(task) if hp["aux_weight"] else None,
+                       **_kwargs(NETS[model], hp)).to(device)
+
 def make_inputs(bags: Bags, model: str, train_idx, hp: dict, seed: int = 0, device="cpu"):
     "The model's inputs for a fold: `ClusterInputs` (DeepAttnMISL) or `PatchInputs`, standardised on `train_idx`."
     norm = feature_moments(bags.features, _rows(bags, train_idx), seed=seed)
@@ -226,8 +231,7 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         nets, opts = [], []
         for j in js:
             torch.manual_seed(seed + 1000 * j + (500 if refit else 0))
-            nets.append(NETS[model](inputs.dim, task=task, ordinal=hp["ordinal"],
-                                    aux_task=other_task(task) if hp["aux_weight"] else None, **_kwargs(NETS[model], hp)).to(device))
+            nets.append(make_net(model, inputs.dim, task, hp, device))
             opts.append(torch.optim.Adam(nets[-1].parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"]))
         with cpu_threads(hp["threads"], device):
             rs = _fit(nets, inputs, group, targets, opts, task, hp, rng, progress, fold)

@@ -17,8 +17,7 @@ from ..models.abmil import PatchInputs
 from ..models.bags import Bags, load_bags
 from ..models.deepattnmisl import ClusterInputs
 from ..models.losses import task_predict
-from .cv import (NETS, _figures, _kwargs, _truth_dir, _write_attention, load_model, other_task,
-                                     pred_rows, predict, score)
+from .cv import _figures, _truth_dir, _write_attention, load_model, make_net, pred_rows, predict, score
 
 # %% auto #0
 __all__ = ['predict_cohort']
@@ -52,8 +51,7 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
               else PatchInputs(bags, device=dev, fitted=b["inputs"]))
     idx, preds, atts = np.arange(len(bags)), [], []
     for m in b["members"]:  # each member's risk on its own training scale, as the ensemble was averaged in training
-        net = NETS[model](b["dim"], task=task, ordinal=hp["ordinal"], aux_task=other_task(task) if hp["aux_weight"] else None,
-                          **_kwargs(NETS[model], hp)).to(dev)
+        net = make_net(model, b["dim"], task, hp, dev)
         net.load_state_dict(m["state"])
         o, att = predict(net, inputs, idx, task, hp, attention=True)
         preds.append((task_predict(o["out"], task, hp["ordinal"]) - m["shift"]) / m["scale"] if task == "survival"

@@ -90,7 +90,7 @@ def attention_figure(out_dir,  # a `train_cv` output folder (with attention/)
         for ax in row: ax.axis("off")
         reader = open_slide(a["slide_path"])
         attention_heatmap(reader, a["coords"], a["attention"], a["patch_size_level0"], ax=row[0],
-                          title=f"{a['slide_id']} (fold {a.get('fold', '?')})")
+                          title=a["slide_id"] + (f" (fold {a['fold']})" if int(a.get("fold", -1)) >= 0 else ""))  # -1: `predict`
         for ax, (img, v, _) in zip(row[1:], top_patches(reader, a["coords"], a["attention"], a["patch_size_level0"], k)):
             ax.imshow(img); ax.set_title(f"{v:.3f}", fontsize=7)
     fig.suptitle(f"attention: {a.get('model', '')}, most attended patches on the right", fontsize=9)

@@ -64,7 +64,7 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
                      f"({r['min']:.3g} to {r['max']:.3g}): {', '.join(beyond[:8])}{' …' if len(beyond) > 8 else ''}; "
                      "their features may be unlike the training cohort's (another stain, scanner, tissue or encoder)")
     rows = pred_rows(bags.patients, pred, 0, task, None if r is None else (r["mu"], r["sd"], r["threshold"]))
-    _write_attention(out, bags, idx, [np.mean([a[i] for a in atts], 0) for i in idx], 0, model)
+    _write_attention(out, bags, idx, [np.mean([a[i] for a in atts], 0) for i in idx], -1, model)  # -1: no fold
     pred, metrics = score(out, pd.DataFrame(rows).set_index("patient_id"), bags.labels, task,
                           _truth_dir(manifest, truth), n_boot, seed, fit_truth=None)
     known = pred.dropna(subset=["survival_months", "event"]) if task == "survival" else pred[pred.stage_index >= 0]

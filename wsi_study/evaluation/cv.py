@@ -25,7 +25,7 @@ from ..core import (WsiStudyError, atomic_path, flatten_metrics, get_logger, see
 from ..embedding import resolve_device
 from ..manifest import STAGES
 from ..report import km_by_group, save_figure
-from ..models.bags import TRAIN_PREFIX, Bags, join_bags, load_bags, synthetic_bags, write_features
+from ..models.bags import TRAIN_PREFIX, Bags, embedded_as, join_bags, load_bags, synthetic_bags, write_features
 from ..models.losses import cox_ph_loss, task_loss, task_predict
 from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
@@ -496,6 +496,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         if test_features is None and not isinstance(test_manifest, Bags):
             raise WsiStudyError(f"{test_manifest}: the test cohort needs its feature folder (test_features)")
         test = test_manifest if isinstance(test_manifest, Bags) else load_bags(test_manifest, test_features, encoder, task)
+        trained_on = embedded_as(bags)  # kept in model.pt, for `predict` to check
         bags = join_bags(bags, test)
         sp = check_splits(external_splits(bags.labels, test.patients, task, seed, hp["val_frac"]), bags.labels, task,
                           must_test=test.patients)
@@ -526,9 +527,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
                           "folds" if test_manifest is None else _truth_dir(manifest, train_truth))
     _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold")
     if save:
-        made = sorted(set(bags.slides.get("spec", pd.Series(dtype=str))[bags.slides.slide_id.str.startswith(TRAIN_PREFIX)]) - {""})
         save_model(out / "model.pt", {"model": model, "task": task, "hp": hp, "features_dim": bags.dim, "dim": r["dim"],
-                                      "spec": made, "inputs": r["inputs"], "members": r["members"], "seed": seed,
+                                      "spec": trained_on, "inputs": r["inputs"], "members": r["members"], "seed": seed,
                                       "risk": None if scale is None else {**dict(zip(("mu", "sd", "threshold"), scale)),
                                           "min": float(pred_fit.min()), "max": float(pred_fit.max())},
                                       "train_patients": n_fit})
@@ -544,7 +544,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
 
 def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.DataFrame, heatmaps: int,
              scored: str = "out-of-fold"):  # which predictions: out-of-fold, or an external test cohort's
-    "KM or confusion matrix, training curves and attention heatmaps of a run (each skipped with a warning if it fails)."
+    "KM or confusion matrix (of the patients with labels), training curves and attention heatmaps of a run."
+    pred = pred.dropna(subset=["survival_months", "event"]) if task == "survival" else pred[pred.stage_index >= 0]
     if task == "survival" and pred.group.nunique() == 2:
         ax, _ = km_by_group(pred, "group", title=f"{model}: {scored} risk groups")
         save_figure(ax.figure, out, "km_risk_groups"); plt.close(ax.figure)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import WsiStudyError, flatten_metrics, get_logger, write_json, write_metrics
+from ..core import flatten_metrics, get_logger, write_json, write_metrics
 from ..embedding import resolve_device
 from ..models.abmil import PatchInputs
-from ..models.bags import Bags, load_bags
+from ..models.bags import Bags, check_alike, embedded_as, load_bags
 from ..models.deepattnmisl import ClusterInputs
 from ..models.losses import task_predict
 from .cv import _figures, _truth_dir, _write_attention, load_model, make_net, pred_rows, predict, score
@@ -38,13 +38,8 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
     t0, b = time.perf_counter(), load_model(model_path)
     model, task, hp = b["model"], b["task"], b["hp"]
     bags = manifest if isinstance(manifest, Bags) else load_bags(manifest, features_dir, None, None, progress)
-    if bags.dim != b["features_dim"]:
-        raise WsiStudyError(f"{features_dir}: embeddings of D={bags.dim}, but {model_path} was trained on D={b['features_dim']} "
-                            f"({'; '.join(b['spec']) or 'its encoder'}); embed the cohort as the model's training cohort was")
-    made = sorted(set(bags.slides.get("spec", pd.Series(dtype=str))) - {""})
-    if made and b["spec"] and made != b["spec"]:
-        raise WsiStudyError(f"{features_dir}: embedded as {'; '.join(made)}, but {model_path} was trained on "
-                            f"{'; '.join(b['spec'])}; embed the cohort with the same encoder, weights, mpp and patch size")
+    check_alike((b["features_dim"], b["spec"]), (bags.dim, embedded_as(bags)), ("model's training", "predicted"),
+                f"{features_dir} (model {model_path})")
     out, dev = Path(out_dir), resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
     inputs = (ClusterInputs(bags, None, device=dev, fitted=b["inputs"]) if model == "deepattnmisl"
@@ -67,8 +62,7 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
     _write_attention(out, bags, idx, [np.mean([a[i] for a in atts], 0) for i in idx], -1, model)  # -1: no fold
     pred, metrics = score(out, pd.DataFrame(rows).set_index("patient_id"), bags.labels, task,
                           _truth_dir(manifest, truth), n_boot, seed, fit_truth=None)
-    known = pred.dropna(subset=["survival_months", "event"]) if task == "survival" else pred[pred.stage_index >= 0]
-    _figures(out, model, task, known, pd.DataFrame(), heatmaps, "predicted")
+    _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted")
     metrics["n_predicted"] = len(pred)  # `n_patients`: those scored (with the task's labels)
     if r is not None: metrics["n_beyond_training"] = len(beyond)
     write_metrics(out, metrics)

@@ -20,7 +20,7 @@ from ..manifest import STAGES, validate_manifest
 
 # %% auto #0
 __all__ = ['TASKS', 'SPEC_ATTRS', 'TRAIN_PREFIX', 'Bags', 'synthetic_bags', 'labelled', 'load_bags', 'write_features',
-           'join_bags']
+           'embedded_as', 'check_alike', 'join_bags']
 
 # %% ../../nbs/11_bags.ipynb #ed621746
 TASKS = ("survival", "stage")
@@ -215,18 +215,29 @@ def write_features(path,  # the `.h5` file to write
 # %% ../../nbs/11_bags.ipynb #0170b1bc
 TRAIN_PREFIX = "train:"  # what `join_bags` puts before the training cohort's ids
 
+def embedded_as(bags: Bags) -> list[str]:
+    "How a cohort's features were made: the distinct specs its feature files record (empty when they record none)."
+    return sorted(set(bags.slides.get("spec", pd.Series(dtype=str))) - {""})
+
+def check_alike(first: tuple, second: tuple,  # each cohort's (dimension, `embedded_as`)
+                names: tuple = ("training", "test"),  # what to call them: "the <name> cohort"
+                where: str = "",  # put before the message (the files concerned)
+               ) -> None:
+    "Raise `WsiStudyError` unless two cohorts' features compare: one dimension and, where both record it, one spec."
+    (d1, m1), (d2, m2), at = first, second, f"{where}: " if where else ""
+    if d1 != d2:
+        raise WsiStudyError(f"{at}the {names[0]} cohort's embeddings have D={d1} and the {names[1]} cohort's D={d2}; "
+                            "embed both cohorts with the same encoder")
+    if m1 and m2 and m1 != m2:
+        raise WsiStudyError(f"{at}the cohorts were embedded differently: {'; '.join(m1)} ({names[0]}) against "
+                            f"{'; '.join(m2)} ({names[1]}); embed both with the same encoder, weights, mpp and patch size")
+
 def join_bags(first: Bags,  # the cohort listed first (the training cohort of an external validation)
               second: Bags,  # the other cohort (the test cohort); its ids are kept
               prefix: str = TRAIN_PREFIX,  # put before `first`'s patient and slide ids
              ) -> Bags:
     "One `Bags` of two cohorts embedded alike: `first`'s patients (ids prefixed) then `second`'s."
-    if first.dim != second.dim:
-        raise WsiStudyError(f"the training cohort's embeddings have D={first.dim} and the test cohort's D={second.dim}; "
-                            "embed both cohorts with the same encoder")
-    made = [sorted(set(b.slides.get("spec", pd.Series(dtype=str))) - {""}) for b in (first, second)]
-    if all(made) and made[0] != made[1]:
-        raise WsiStudyError(f"the cohorts were embedded differently: {'; '.join(made[0])} (training) against "
-                            f"{'; '.join(made[1])} (test); embed both with the same encoder, weights, mpp and patch size")
+    check_alike((first.dim, embedded_as(first)), (second.dim, embedded_as(second)))
     s1 = first.slides.assign(slide_id=prefix + first.slides.slide_id.astype(str), patient_id=prefix + first.slides.patient_id.astype(str))
     labels = pd.concat([first.labels.rename(index=lambda p: prefix + str(p)), second.labels])
     twice = labels.index[labels.index.duplicated()].unique().tolist()

@@ -31,7 +31,7 @@ from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
 from ..models.baselines import MeanPoolBaseline, cox_coefficients, mean_embeddings, stage_onehot
 from .splits import check_splits, external_splits, fold_indices, load_splits, make_splits, save_splits
-from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, risk_components, truth_cox
+from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, prognostic_value, risk_components, truth_cox
 from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
@@ -412,12 +412,13 @@ def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: 
           fit_truth="folds",  # the truth-Cox reference: "folds" (on the other folds), a training cohort's truth folder, or None
          ) -> tuple[pd.DataFrame, dict]:
     """Join the labels to `pred` (index patient_id), write predictions.csv and score the patients that have the task's
-    labels: the task's metrics and, with ground truth in `tdir`, the oracle, the risk's components, the truth-Cox
+    labels: the task's metrics (for survival with the hazard ratios of `prognostic_value`) and, with ground truth in `tdir`, the oracle, the risk's components, the truth-Cox
     reference and the attention's localisation. Returns the joined predictions and the metrics."""
     if task == "survival":
         pred = pred.join(labels[["survival_months", "event"]])
         known = pred.dropna(subset=["survival_months", "event"])
         metrics = survival_metrics(known.reset_index(), n_boot, seed) if known.event.sum() > 0 else {}
+        if metrics: metrics.update(prognostic_value(known.join(labels[["stage"]]) if "stage" in labels else known))
     else:
         pred = pred.join(labels[["stage", "stage_index"]])
         known = pred[pred.stage_index >= 0]
@@ -525,7 +526,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     tdir = _truth_dir(manifest if test_manifest is None else test_manifest, truth)
     pred, metrics = score(out, pred, labels, task, tdir, n_boot, seed,
                           "folds" if test_manifest is None else _truth_dir(manifest, train_truth))
-    _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold")
+    _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold",
+             metrics.get("hr_high_low"))
     if save:
         save_model(out / "model.pt", {"model": model, "task": task, "hp": hp, "features_dim": bags.dim, "dim": r["dim"],
                                       "spec": trained_on, "inputs": r["inputs"], "members": r["members"], "seed": seed,
@@ -543,11 +545,13 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     return {**flatten_metrics(metrics), "seconds": seconds}
 
 def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.DataFrame, heatmaps: int,
-             scored: str = "out-of-fold"):  # which predictions: out-of-fold, or an external test cohort's
+             scored: str = "out-of-fold",  # which predictions: out-of-fold, or an external test cohort's
+             hr: tuple | None = None):  # (hazard ratio, low, high) of the high-risk group, for the KM figure's title
     "KM or confusion matrix (of the patients with labels), training curves and attention heatmaps of a run."
     pred = pred.dropna(subset=["survival_months", "event"]) if task == "survival" else pred[pred.stage_index >= 0]
     if task == "survival" and pred.group.nunique() == 2:
-        ax, _ = km_by_group(pred, "group", title=f"{model}: {scored} risk groups")
+        hr = "" if hr is None or not np.isfinite(hr[0]) else f"\nHR high/low {hr[0]:.2f} [{hr[1]:.2f}, {hr[2]:.2f}]"
+        ax, _ = km_by_group(pred, "group", title=f"{model}: {scored} risk groups{hr}")
         save_figure(ax.figure, out, "km_risk_groups"); plt.close(ax.figure)
     elif task == "stage" and len(pred):
         ax = plot_confusion(pred.assign(pred_index=pred.pred.map(STAGES.index)), title=f"{model}: {scored} stage")

@@ -16,8 +16,8 @@ from ..manifest import STAGES
 
 # %% auto #0
 __all__ = ['PROB_COLS', 'harrell_cindex', 'bootstrap', 'fold_spread', 'survival_metrics', 'patient_truth', 'oracle_cindex',
-           'oracle_gap', 'risk_components', 'fold_cox_risk', 'truth_cox_risk', 'truth_cox', 'auc_ovr_macro',
-           'stage_metrics', 'plot_confusion', 'compare_runs']
+           'oracle_gap', 'risk_components', 'prognostic_value', 'fold_cox_risk', 'truth_cox_risk', 'truth_cox',
+           'auc_ovr_macro', 'stage_metrics', 'plot_confusion', 'compare_runs']
 
 # %% ../../nbs/17_metrics.ipynb #5d4559f4
 def harrell_cindex(time,  # follow-up times
@@ -147,6 +147,49 @@ def risk_components(truth_csv,  # a synthetic cohort's truth.csv (patient_id, st
             "burden_weight": weight(p.risk), "burden_weight_true": weight(p.latent_risk),
             "burden_spearman_within_stage": float(np.average([r for _, r in within], weights=[n for n, _ in within]))
                                             if within else float("nan")}
+
+# %% ../../nbs/17_metrics.ipynb #3ebeb6f6
+def _cox(df: pd.DataFrame, cols: list[str]):
+    "A lifelines Cox model of survival on `cols`, or None when it cannot be fitted (too few events, separation)."
+    import warnings
+    from lifelines import CoxPHFitter
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return CoxPHFitter().fit(df[cols + ["survival_months", "event"]], "survival_months", "event")
+    except Exception:  # lifelines raises ConvergenceError, numpy LinAlgError or ValueError on degenerate data
+        return None
+
+def _hr(cph, col: str) -> tuple[tuple[float, float, float], float]:
+    "(hazard ratio, 95 % low, high) of `col` and its Wald p."
+    if cph is None: return (np.nan, np.nan, np.nan), np.nan
+    s = cph.summary.loc[col]
+    return (float(s["exp(coef)"]), float(s["exp(coef) lower 95%"]), float(s["exp(coef) upper 95%"])), float(s["p"])
+
+def prognostic_value(pred: pd.DataFrame,  # scored patients: risk, survival_months, event[, group high/low][, stage]
+                    ) -> dict:
+    """Hazard ratios from Cox models on the scored predictions: `hr_high_low` (95 % Wald interval) and
+    `hr_high_low_p`, the high-risk group against the low; `hr_per_sd`, per sd of the risk over these patients; and
+    with a stage for at least two stages: `hr_per_sd_stage_adjusted` and its p, beside the stage as categories, and
+    `stage_added_lr_p`, the likelihood-ratio test of adding the risk to the stage alone (`n_stage_adjusted` patients,
+    those with a stage). NaN where a model cannot be fitted; {} with fewer than two events."""
+    from scipy.stats import chi2
+    d = pred.assign(event=pred.event.astype(float), risk_sd=(pred.risk - pred.risk.mean()) / (pred.risk.std() or 1.0))
+    if d.event.sum() < 2 or len(d) < 5: return {}
+    m = {}
+    if "group" in d and d.group.nunique() == 2:
+        m["hr_high_low"], m["hr_high_low_p"] = _hr(_cox(d.assign(high=(d.group == "high").astype(float)), ["high"]), "high")
+    m["hr_per_sd"], m["hr_per_sd_p"] = _hr(_cox(d, ["risk_sd"]), "risk_sd")
+    s = d[d.stage.notna() & (d.stage.astype(str) != "")] if "stage" in d else d.iloc[:0].assign(stage=[])
+    if s.stage.nunique() >= 2 and s.event.sum() >= 2:
+        dummies = pd.get_dummies(s.stage.astype(str), prefix="stage", drop_first=True, dtype=float)
+        s = pd.concat([s, dummies], axis=1)
+        alone, both = _cox(s, list(dummies)), _cox(s, list(dummies) + ["risk_sd"])
+        m["hr_per_sd_stage_adjusted"], m["hr_per_sd_stage_adjusted_p"] = _hr(both, "risk_sd")
+        m["stage_added_lr_p"] = (float(chi2.sf(2 * (both.log_likelihood_ - alone.log_likelihood_), 1))
+                                 if alone is not None and both is not None else np.nan)
+        m["n_stage_adjusted"] = len(s)
+    return m
 
 # %% ../../nbs/17_metrics.ipynb #7c0e11a2
 def fold_cox_risk(X: np.ndarray,  # (n, p) covariates

@@ -62,7 +62,7 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
     _write_attention(out, bags, idx, [np.mean([a[i] for a in atts], 0) for i in idx], -1, model)  # -1: no fold
     pred, metrics = score(out, pd.DataFrame(rows).set_index("patient_id"), bags.labels, task,
                           _truth_dir(manifest, truth), n_boot, seed, fit_truth=None)
-    _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted")
+    _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted", metrics.get("hr_high_low"))
     metrics["n_predicted"] = len(pred)  # `n_patients`: those scored (with the task's labels)
     if r is not None: metrics["n_beyond_training"] = len(beyond)
     write_metrics(out, metrics)

@@ -32,6 +32,7 @@ from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
 from ..models.baselines import MeanPoolBaseline, cox_coefficients, mean_embeddings, stage_onehot
 from .splits import check_splits, external_splits, fold_indices, load_splits, make_splits, save_splits
 from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, prognostic_value, risk_components, truth_cox
+from .shift import feature_reference, flag_shifted, shift_score
 from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
@@ -519,6 +520,10 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         pred_fit, pred_test = r["pred"][:n_fit], r["pred"][n_fit:]
         scale = (float(pred_fit.mean()), float(pred_fit.std()) or 1.0, float(np.median(pred_fit))) if task == "survival" else None
         rows += pred_rows([bags.patients[i] for i in idx["test"]], pred_test, f, task, scale)
+        if save:  # what the training patches look like, for this run and `predict` to name patients unlike them
+            reference = feature_reference(bags, np.concatenate([idx["train"], idx["val"]]), seed=seed)
+            shifts = shift_score(bags, reference, idx["test"])
+            for row, s in zip(rows[-len(shifts):], shifts): row["shift_score"] = float(s)
         if r["attention"]: _write_attention(out, bags, idx["test"], r["attention"], f, model)
         history += r["history"]; best_epochs.append(r["best_epoch"])
         if r.get("stack"): stacks.append({"fold": int(f), **r["stack"]})
@@ -528,12 +533,13 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
                           "folds" if test_manifest is None else _truth_dir(manifest, train_truth))
     _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold",
              metrics.get("hr_high_low"))
+    if save: metrics["n_shifted"] = flag_shifted(list(pred.index), pred.shift_score.to_numpy())
     if save:
         save_model(out / "model.pt", {"model": model, "task": task, "hp": hp, "features_dim": bags.dim, "dim": r["dim"],
                                       "spec": trained_on, "inputs": r["inputs"], "members": r["members"], "seed": seed,
                                       "risk": None if scale is None else {**dict(zip(("mu", "sd", "threshold"), scale)),
                                           "min": float(pred_fit.min()), "max": float(pred_fit.max())},
-                                      "train_patients": n_fit})
+                                      "train_patients": n_fit, "reference": reference})
     if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
     done = [b for b in best_epochs if b is not None]
     metrics.update(folds=int(sp.fold.nunique()), seed=seed, best_epoch_mean=float(np.mean(done)) if done else None)

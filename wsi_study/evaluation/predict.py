@@ -18,6 +18,7 @@ from ..models.bags import Bags, check_alike, embedded_as, load_bags
 from ..models.deepattnmisl import ClusterInputs
 from ..models.losses import task_predict
 from .cv import _figures, _truth_dir, _write_attention, load_model, make_net, pred_rows, predict, score
+from .shift import flag_shifted, shift_score
 
 # %% auto #0
 __all__ = ['predict_cohort']
@@ -59,12 +60,17 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
                      f"({r['min']:.3g} to {r['max']:.3g}): {', '.join(beyond[:8])}{' …' if len(beyond) > 8 else ''}; "
                      "their features may be unlike the training cohort's (another stain, scanner, tissue or encoder)")
     rows = pred_rows(bags.patients, pred, 0, task, None if r is None else (r["mu"], r["sd"], r["threshold"]))
+    ref = b.get("reference")  # absent from model files written before the check existed
+    if ref is not None:
+        shifts = shift_score(bags, ref)
+        for row, s in zip(rows, shifts): row["shift_score"] = float(s)
     _write_attention(out, bags, idx, [np.mean([a[i] for a in atts], 0) for i in idx], -1, model)  # -1: no fold
     pred, metrics = score(out, pd.DataFrame(rows).set_index("patient_id"), bags.labels, task,
                           _truth_dir(manifest, truth), n_boot, seed, fit_truth=None)
     _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted", metrics.get("hr_high_low"))
     metrics["n_predicted"] = len(pred)  # `n_patients`: those scored (with the task's labels)
     if r is not None: metrics["n_beyond_training"] = len(beyond)
+    if ref is not None: metrics["n_shifted"] = flag_shifted(bags.patients, shifts)
     write_metrics(out, metrics)
     seconds = round(time.perf_counter() - t0, 2)
     write_json(out / "params.json", {"model_file": str(model_path), "model": model, "task": task, "device": str(dev),

@@ -32,7 +32,7 @@ from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
 from ..models.baselines import MeanPoolBaseline, cox_coefficients, mean_embeddings, stage_onehot
 from .splits import check_splits, external_splits, fold_indices, load_splits, make_splits, save_splits
 from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, prognostic_value, risk_components, truth_cox
-from .shift import feature_reference, flag_shifted, shift_score
+from .shift import feature_reference, flag_shifted, plot_shift, shift_score
 from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
@@ -221,7 +221,8 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         else: X = cache["mean"] if cache and "mean" in cache else mean_embeddings(bags)
         base = MeanPoolBaseline(task, **_kwargs(MeanPoolBaseline, hp), seed=seed).fit(X[fit_idx], bags.labels.iloc[fit_idx])
         return {"idx": everyone, "pred": base.predict(X[everyone]), "attention": [], "history": [],
-                "best_epoch": None, "seconds": time.perf_counter() - t0}
+                "best_epoch": None, "seconds": time.perf_counter() - t0,
+                **({"baseline": base.state(), "members": [], "inputs": None, "dim": X.shape[1]} if keep else {})}
     rng, members = np.random.default_rng(seed), int(hp["members"])
     subs = [idx] if members <= 1 else member_splits(bags.labels, fit_idx, idx["test"], task, members, seed)
     inputs = make_inputs(bags, model, idx["train"] if members <= 1 else fit_idx, hp, seed, device)
@@ -509,9 +510,9 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     save_splits(sp, out / "splits.csv")
     shutil.rmtree(out / "attention", ignore_errors=True)
     cache = {"mean": mean_embeddings(bags)} if model == "meanpool" else None
-    save = test_manifest is not None and model in NETS and not hp.get("stack")  # the final model: written to model.pt
+    save = test_manifest is not None and model in (*NETS, "meanpool") and not hp.get("stack")  # the final model: written to model.pt
     if test_manifest is not None and not save:
-        _log.info(f"model.pt is written for the neural models without stack only; {model} is not saved")
+        _log.info(f"model.pt is written for the neural models without stack and for meanpool only; {model} is not saved")
     rows, history, best_epochs, stacks = [], [], [], []
     for f in tqdm(sorted(sp.fold.unique()), desc=f"{model} · {task}", disable=not progress):
         idx = fold_indices(sp, bags.patients, f)
@@ -532,14 +533,14 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     pred, metrics = score(out, pred, labels, task, tdir, n_boot, seed,
                           "folds" if test_manifest is None else _truth_dir(manifest, train_truth))
     _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold",
-             metrics.get("hr_high_low"))
+             metrics.get("hr_high_low"), reference if save else None)
     if save: metrics["n_shifted"] = flag_shifted(list(pred.index), pred.shift_score.to_numpy())
     if save:
         save_model(out / "model.pt", {"model": model, "task": task, "hp": hp, "features_dim": bags.dim, "dim": r["dim"],
                                       "spec": trained_on, "inputs": r["inputs"], "members": r["members"], "seed": seed,
                                       "risk": None if scale is None else {**dict(zip(("mu", "sd", "threshold"), scale)),
                                           "min": float(pred_fit.min()), "max": float(pred_fit.max())},
-                                      "train_patients": n_fit, "reference": reference})
+                                      "train_patients": n_fit, "reference": reference, "baseline": r.get("baseline")})
     if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
     done = [b for b in best_epochs if b is not None]
     metrics.update(folds=int(sp.fold.nunique()), seed=seed, best_epoch_mean=float(np.mean(done)) if done else None)
@@ -552,8 +553,11 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
 
 def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.DataFrame, heatmaps: int,
              scored: str = "out-of-fold",  # which predictions: out-of-fold, or an external test cohort's
-             hr: tuple | None = None):  # (hazard ratio, low, high) of the high-risk group, for the KM figure's title
-    "KM or confusion matrix (of the patients with labels), training curves and attention heatmaps of a run."
+             hr: tuple | None = None,  # (hazard ratio, low, high) of the high-risk group, for the KM figure's title
+             reference: dict | None = None):  # the model's `feature_reference`: draw every patient's `shift_score`
+    "KM or confusion matrix (of the patients with labels), training curves, attention heatmaps and shift scores of a run."
+    if reference is not None and "shift_score" in pred:
+        ax = plot_shift(pred.shift_score, reference); save_figure(ax.figure, out, "shift_scores"); plt.close(ax.figure)
     pred = pred.dropna(subset=["survival_months", "event"]) if task == "survival" else pred[pred.stage_index >= 0]
     if task == "survival" and pred.group.nunique() == 2:
         hr = "" if hr is None or not np.isfinite(hr[0]) else f"\nHR high/low {hr[0]:.2f} [{hr[1]:.2f}, {hr[2]:.2f}]"

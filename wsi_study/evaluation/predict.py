@@ -5,6 +5,7 @@
 # %% ../../nbs/22_predict.ipynb #808b0cae
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ..core import flatten_metrics, get_logger, write_json, write_metrics
 from ..embedding import resolve_device
 from ..models.abmil import PatchInputs
 from ..models.bags import Bags, check_alike, embedded_as, load_bags
+from ..models.baselines import MeanPoolBaseline, mean_embeddings
 from ..models.deepattnmisl import ClusterInputs
 from ..models.losses import task_predict
 from .cv import _figures, _truth_dir, _write_attention, load_model, make_net, pred_rows, predict, score
@@ -43,9 +45,13 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
                 f"{features_dir} (model {model_path})")
     out, dev = Path(out_dir), resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
-    inputs = (ClusterInputs(bags, None, device=dev, fitted=b["inputs"]) if model == "deepattnmisl"
-              else PatchInputs(bags, device=dev, fitted=b["inputs"]))
+    shutil.rmtree(out / "attention", ignore_errors=True)  # a folder used before keeps no other model's attention
     idx, preds, atts = np.arange(len(bags)), [], []
+    if model == "meanpool":  # a linear model of the mean embedding: no members, no attention
+        preds.append(MeanPoolBaseline.from_state(b["baseline"]).predict(mean_embeddings(bags)))
+    else:
+        inputs = (ClusterInputs(bags, None, device=dev, fitted=b["inputs"]) if model == "deepattnmisl"
+                  else PatchInputs(bags, device=dev, fitted=b["inputs"]))
     for m in b["members"]:  # each member's risk on its own training scale, as the ensemble was averaged in training
         net = make_net(model, b["dim"], task, hp, dev)
         net.load_state_dict(m["state"])
@@ -64,10 +70,10 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
     if ref is not None:
         shifts = shift_score(bags, ref)
         for row, s in zip(rows, shifts): row["shift_score"] = float(s)
-    _write_attention(out, bags, idx, [np.mean([a[i] for a in atts], 0) for i in idx], -1, model)  # -1: no fold
+    if atts: _write_attention(out, bags, idx, [np.mean([a[i] for a in atts], 0) for i in idx], -1, model)  # -1: no fold
     pred, metrics = score(out, pd.DataFrame(rows).set_index("patient_id"), bags.labels, task,
                           _truth_dir(manifest, truth), n_boot, seed, fit_truth=None)
-    _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted", metrics.get("hr_high_low"))
+    _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted", metrics.get("hr_high_low"), ref)
     metrics["n_predicted"] = len(pred)  # `n_patients`: those scored (with the task's labels)
     if r is not None: metrics["n_beyond_training"] = len(beyond)
     if ref is not None: metrics["n_shifted"] = flag_shifted(bags.patients, shifts)

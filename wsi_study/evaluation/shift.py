@@ -5,7 +5,9 @@
 # %% ../../nbs/18a_shift.ipynb #d972a2fd
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 
 from ..core import WsiStudyError, get_logger
@@ -13,7 +15,7 @@ from ..models.bags import Bags
 from ..models.deepattnmisl import kmeans_fit
 
 # %% auto #0
-__all__ = ['nearest_distance', 'patient_distance', 'shift_score', 'feature_reference', 'flag_shifted']
+__all__ = ['nearest_distance', 'patient_distance', 'shift_score', 'feature_reference', 'flag_shifted', 'plot_shift']
 
 # %% ../../nbs/18a_shift.ipynb #a7ff0421
 _log = get_logger("wsi_study.evaluation")
@@ -72,3 +74,25 @@ def flag_shifted(patients: list[str], scores: np.ndarray) -> int:
                      f"training patient's (shift_score > 1): {', '.join(far[:8])}{' …' if len(far) > 8 else ''}; their slides "
                      "may come from another stain, scanner, tissue or encoder, and their predictions deserve less trust")
     return len(far)
+
+# %% ../../nbs/18a_shift.ipynb #aa03c842
+def plot_shift(scores: pd.Series,  # `shift_score` per patient (index: patient id)
+               ref: dict | None = None,  # the `feature_reference`, to draw its calibration patients beside
+               ax=None, title: str = ""):
+    "Histogram of shift scores (log scale) against the training patients', the line at 1, the patients beyond it named."
+    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
+    s = scores.dropna()
+    vals = [s.to_numpy(float)] + ([(ref["distances"].numpy() / ref["distance_max"]).astype(float)] if ref is not None else [])
+    lo, hi = min(v.min() for v in vals if len(v)), max(max(v.max() for v in vals if len(v)), 1.5)
+    bins = np.geomspace(max(lo, 1e-3) * 0.9, hi * 1.1, 40)
+    if ref is not None: ax.hist(vals[1], bins, alpha=0.5, label=f"training patients held out of the centroids (n={len(vals[1])})")
+    ax.hist(vals[0], bins, alpha=0.6, label=f"this cohort (n={len(s)})")
+    ax.axvline(1, color="k", ls="--", lw=1)
+    far = s[s > 1].sort_values(ascending=False)
+    for i, (pid, v) in enumerate(far.head(8).items()):
+        ax.annotate(str(pid), (v, 0), xytext=(0, 12 + 10 * i), textcoords="offset points", fontsize=7, rotation=0,
+                    ha="right", arrowprops={"arrowstyle": "-", "lw": 0.5})
+    ax.set(xscale="log", xlabel="shift score (patient's patch distance / the farthest training patient's)", ylabel="patients",
+           title=title or f"{len(far)} of {len(s)} patients beyond every training patient")
+    ax.legend(fontsize=7)
+    return ax

@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..core import WsiStudyError
 from .bags import Bags
@@ -70,8 +71,37 @@ class MeanPoolBaseline:
             self.model = LogisticRegression(C=self.C, max_iter=2000).fit(Z, labels.stage_index.to_numpy())
         return self
 
+    def state(self) -> dict:
+        "The fitted scaler, PCA and model as tensors (for `model.pt`, loaded with `weights_only`); `from_state` reads it back."
+        t = lambda a: None if a is None else torch.as_tensor(np.asarray(a, np.float64))
+        s = {"task": self.task, "mean": t(self.scaler.mean_), "scale": t(self.scaler.scale_),
+             "pca_mean": t(None if self.proj is None else self.proj.mean_),
+             "components": t(None if self.proj is None else self.proj.components_)}
+        if self.task == "survival": return {**s, "coef": t(self.coef_)}
+        return {**s, "lr_coef": t(self.model.coef_), "lr_intercept": t(self.model.intercept_),
+                "classes": torch.as_tensor(self.model.classes_)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "MeanPoolBaseline":
+        "A fitted baseline from `state()`: it predicts what the fitted one did, without refitting."
+        self = cls(state["task"]); self._state = {k: v.numpy() if torch.is_tensor(v) else v for k, v in state.items()}
+        return self
+
+    def _predict_state(self, X: np.ndarray) -> np.ndarray:
+        # the scaler's, PCA's and model's own arithmetic (scikit-learn's transform and predict_proba), on saved arrays
+        s = self._state
+        Z = (np.asarray(X, np.float64) - s["mean"]) / s["scale"]
+        if s["components"] is not None: Z = (Z - s["pca_mean"]) @ s["components"].T
+        if self.task == "survival": return Z @ s["coef"]
+        d = Z @ s["lr_coef"].T + s["lr_intercept"]
+        if d.shape[1] == 1: q = 1 / (1 + np.exp(-d)); q = np.hstack([1 - q, q])  # two classes: the logistic
+        else: q = np.exp(d - d.max(1, keepdims=True)); q /= q.sum(1, keepdims=True)  # more: the softmax
+        p = np.zeros((len(Z), N_STAGES)); p[:, s["classes"]] = q
+        return p
+
     def predict(self, X: np.ndarray) -> np.ndarray:
         "Risk (n,) for survival, stage probabilities (n, 4) for stage."
+        if hasattr(self, "_state"): return self._predict_state(X)
         Z = self._transform(X)
         if self.task == "survival":
             return np.asarray(Z @ self.coef_, dtype=np.float64)

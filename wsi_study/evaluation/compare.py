@@ -89,7 +89,8 @@ def compare_models(runs: dict,  # label -> train_cv output folder, all of one ta
     key = HEADLINE[task]
     extra = ["logrank_p", "hr_high_low", "hr_high_low_ci_low", "hr_high_low_ci_high", "hr_per_sd_stage_adjusted",
              "hr_per_sd_stage_adjusted_ci_low", "hr_per_sd_stage_adjusted_ci_high", "stage_added_lr_p"] if task == "survival" else ["balanced_accuracy", "balanced_accuracy_ci_low",
-                                                      "balanced_accuracy_ci_high", "f1_macro"]
+                                                      "balanced_accuracy_ci_high", "f1_macro", "kappa_quadratic",
+                                                      "kappa_quadratic_ci_low", "kappa_quadratic_ci_high"]
     rows, oracle = [], None
     for label, run in runs.items():
         f = Path(run) / "metrics.json"

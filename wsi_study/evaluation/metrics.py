@@ -265,6 +265,14 @@ def _balanced_accuracy(y, yhat) -> float:
     cm = _confusion(y, yhat); n = cm.sum(1)
     return float(np.mean(np.diag(cm)[n > 0] / n[n > 0]))  # mean recall over the stages present, as scikit-learn
 
+def _kappa(y, yhat) -> float:
+    "Cohen's kappa with quadratic weights: agreement on an ordinal scale, where calling A for D costs 9 × calling C (as scikit-learn's)."
+    cm = _confusion(y, yhat).astype(float)
+    w = (np.arange(len(STAGES))[:, None] - np.arange(len(STAGES))[None, :]) ** 2
+    expected = np.outer(cm.sum(1), cm.sum(0)) / max(cm.sum(), 1)
+    chance = (w * expected).sum()
+    return float(1 - (w * cm).sum() / chance) if chance > 0 else float("nan")
+
 def _f1(y, yhat) -> np.ndarray:
     cm = _confusion(y, yhat); tp = np.diag(cm)
     denom = cm.sum(0) + cm.sum(1)
@@ -272,11 +280,12 @@ def _f1(y, yhat) -> np.ndarray:
 
 def stage_metrics(pred: pd.DataFrame,  # one row per patient: fold, stage_index, prob_A..prob_D, pred_index
                   n_boot: int = 1000, seed: int = 0) -> dict:
-    "Macro OvR AUC, balanced accuracy, macro F1 (with CIs and fold mean/sd), per-stage F1 and the confusion matrix."
+    "Macro OvR AUC, balanced accuracy, macro F1, quadratic-weighted kappa (with CIs and fold mean/sd), per-stage F1 and the confusion matrix."
     y, p, yhat = pred.stage_index.to_numpy(int), pred[PROB_COLS].to_numpy(float), pred.pred_index.to_numpy(int)
     stats = {"auc_macro": lambda y, p, yh: auc_ovr_macro(y, p),
              "balanced_accuracy": lambda y, p, yh: _balanced_accuracy(y, yh),
-             "f1_macro": lambda y, p, yh: float(_f1(y, yh).mean())}
+             "f1_macro": lambda y, p, yh: float(_f1(y, yh).mean()),
+             "kappa_quadratic": lambda y, p, yh: _kappa(y, yh)}
     m = {}
     for name, f in stats.items():
         m[name] = bootstrap(lambda i: f(y[i], p[i], yhat[i]), len(pred), n_boot, seed)

@@ -24,7 +24,7 @@ from ..models.bags import Bags, load_bags
 from ..report import save_figure
 
 # %% auto #0
-__all__ = ['TRUTH_METRICS', 'SUMMARY_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint',
+__all__ = ['SEED_METRICS', 'TRUTH_METRICS', 'SUMMARY_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint',
            'code_fingerprint', 'sweep', 'run_dir', 'repeat_cv', 'parse_target', 'compare_repeats', 'rule_verdict',
            'check_default', 'summarise_cohorts']
 
@@ -144,7 +144,7 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
         m = train_cv(bags, None, model, task, run_dir(out, name, s), folds=folds, seed=s, progress=False, truth=truth,
                      n_boot=200, heatmaps=0, device=device, **test, **fixed, **cfg)
         row = {"config": name, "seed": s, "settings": keys[name], **prints, **cfg,
-               key: m[key], **{k: m.get(k, np.nan) for k in TRUTH_METRICS}, "seconds": m["seconds"]}
+               key: m[key], **{k: m.get(k, np.nan) for k in (*TRUTH_METRICS, *SEED_METRICS)}, "seconds": m["seconds"]}
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)
         runs = runs[list(row) + [c for c in runs if c not in row]]  # the row's own order, old columns after
         with atomic_path(table) as tmp: runs.to_csv(tmp, index=False)  # one row per finished run: a killed sweep resumes
@@ -155,6 +155,8 @@ def run_dir(out: Path, config: str, seed: int) -> Path:
     "Where a sweep's run is written: `out/<config>/seed<S>/`, or `out/seed<S>/` for repeated cross-validation (no grid)."
     return out / f"seed{seed}" if config == config_name({}) else out / config / f"seed{seed}"
 
+SEED_METRICS = ("hr_high_low", "hr_per_sd_stage_adjusted", "stage_added_lr_p",  # kept per seed in sweep.csv (for
+                "balanced_accuracy", "kappa_quadratic")                        # `compare-seeds --target`), not summarised
 TRUTH_METRICS = ("localisation_auc", "latent_spearman", "oracle_cindex", "oracle_gap",  # NaN without ground truth
                  "stage_only_cindex", "burden_weight", "burden_weight_true", "burden_spearman_within_stage",
                  "truth_cox_cindex", "truth_cox_gap")

@@ -87,10 +87,9 @@ def compare_models(runs: dict,  # label -> train_cv output folder, all of one ta
                    n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     "One row per model: headline metric with CI and fold mean/sd, secondary metrics, paired difference to `reference`."
     key = HEADLINE[task]
-    extra = ["logrank_p", "hr_high_low", "hr_high_low_ci_low", "hr_high_low_ci_high", "hr_per_sd_stage_adjusted",
-             "hr_per_sd_stage_adjusted_ci_low", "hr_per_sd_stage_adjusted_ci_high", "stage_added_lr_p"] if task == "survival" else ["balanced_accuracy", "balanced_accuracy_ci_low",
-                                                      "balanced_accuracy_ci_high", "f1_macro", "kappa_quadratic",
-                                                      "kappa_quadratic_ci_low", "kappa_quadratic_ci_high"]
+    ci = lambda k: [k, f"{k}_ci_low", f"{k}_ci_high"]
+    extra = (["logrank_p", *ci("hr_high_low"), *ci("hr_per_sd_stage_adjusted"), "stage_added_lr_p"] if task == "survival"
+             else [*ci("balanced_accuracy"), "f1_macro", *ci("kappa_quadratic")])
     rows, oracle = [], None
     for label, run in runs.items():
         f = Path(run) / "metrics.json"

@@ -106,9 +106,6 @@ def _kwargs(fn, hp: dict) -> dict:
     return {k: v for k, v in hp.items() if k in names and k not in ("task", "ordinal", "seed", "device", "norm")}
 
 # %% ../../nbs/19_cv.ipynb #89723aac
-def _rows(bags: Bags, idx) -> np.ndarray:
-    return np.concatenate([np.arange(bags.offsets[i], bags.offsets[i + 1]) for i in idx])
-
 def feature_moments(features: torch.Tensor, rows: np.ndarray,
                     max_rows: int = 50_000,  # estimate from a seeded random sample of at most this many rows
                     seed: int = 0, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +153,7 @@ def make_net(model: str, dim: int, task: str, hp: dict, device="cpu"):
 
 def make_inputs(bags: Bags, model: str, train_idx, hp: dict, seed: int = 0, device="cpu"):
     "The model's inputs for a fold: `ClusterInputs` (DeepAttnMISL) or `PatchInputs`, standardised on `train_idx`."
-    norm = feature_moments(bags.features, _rows(bags, train_idx), seed=seed)
+    norm = feature_moments(bags.features, bags.rows(train_idx), seed=seed)
     if model == "deepattnmisl":  # k-means and summaries of a large cohort (> 64 M values) get every thread
         with cpu_threads(None if bags.features.numel() > 2 ** 26 else hp["threads"], device):
             return ClusterInputs(bags, train_idx, seed=seed, device=device, norm=norm, **_kwargs(ClusterInputs, hp))

@@ -27,16 +27,13 @@ def nearest_distance(x: torch.Tensor,  # (n, D) standardised patches
     d2 = (x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)
     return d2.min(1).values.clamp(min=0).sqrt()
 
-def _rows(bags: Bags, idx) -> np.ndarray:
-    return np.concatenate([np.arange(bags.offsets[i], bags.offsets[i + 1]) for i in idx] or [np.zeros(0, int)])
-
 def patient_distance(bags: Bags, ref: dict, idx=None,  # patient positions (default: all)
                      chunk: int = 65536) -> np.ndarray:
     "Each patient's 90th percentile of its patches' distances to the nearest reference centroid (NaN without patches)."
     idx = np.arange(len(bags)) if idx is None else np.asarray(idx)
     if bags.dim != ref["mean"].shape[0]:
         raise WsiStudyError(f"embeddings of D={bags.dim}, but the reference was made from D={ref['mean'].shape[0]}")
-    rows = _rows(bags, idx)
+    rows = bags.rows(idx)
     d = torch.empty(len(rows))
     for s in range(0, len(rows), chunk):
         x = (bags.features[torch.as_tensor(rows[s:s + chunk])].float() - ref["mean"]) / ref["sd"]
@@ -55,8 +52,8 @@ def feature_reference(bags: Bags,
     "What the training patients' patches look like (tensors and floats only), for `shift_score`; `distances`: the calibration half's."
     idx = np.random.default_rng(seed).permutation(np.asarray(idx))
     fit, calib = idx[:len(idx) // 2], idx[len(idx) // 2:]  # centroids from one half, calibrated on the other
-    rows = _rows(bags, fit)
-    if len(rows) == 0 or len(_rows(bags, calib)) == 0:
+    rows = bags.rows(fit)
+    if len(rows) == 0 or len(bags.rows(calib)) == 0:
         raise WsiStudyError(f"a feature reference needs patches from at least two training patients, got {len(idx)}")
     if len(rows) > max_points: rows = np.sort(np.random.default_rng(seed).choice(rows, max_points, replace=False))
     x = bags.features[torch.as_tensor(rows)].float()

@@ -47,6 +47,10 @@ class Bags:
         "The patches of patient `i` (n_i×D)."
         return self.features[self.offsets[i]:self.offsets[i + 1]]
 
+    def rows(self, idx) -> np.ndarray:
+        "The rows of `features` of patients `idx`, patient after patient (empty for no patient)."
+        return np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx] or [np.zeros(0, np.int64)])
+
     def patient_of_patch(self) -> np.ndarray:
         "Patient index of every patch (N)."
         return np.repeat(np.arange(len(self)), self.sizes)

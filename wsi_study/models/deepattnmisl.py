@@ -146,7 +146,7 @@ class ClusterInputs:
             self.centroids = fitted["centroids"].to(self.device)
             self.proj = None if fitted["proj"] is None else tuple(v.to(self.device) for v in fitted["proj"])
         else:
-            rows = np.concatenate([np.arange(bags.offsets[i], bags.offsets[i + 1]) for i in train_idx])
+            rows = bags.rows(train_idx)
             g = torch.Generator().manual_seed(seed)
             if len(rows) > max_points: rows = rows[torch.randperm(len(rows), generator=g)[:max_points].numpy()]
             pts = self._standardise(bags.features[torch.as_tensor(np.sort(rows))])
@@ -188,7 +188,7 @@ class ClusterInputs:
         idx = torch.as_tensor(ids, device=self.device)
         n = self.counts[idx]
         if self.pool == "patch":
-            rows = np.concatenate([np.arange(self.bags.offsets[i], self.bags.offsets[i + 1]) for i in ids])
+            rows = self.bags.rows(ids)
             pos = np.repeat(np.arange(len(ids)), self.bags.sizes[ids])
             r = torch.as_tensor(rows, device=self.device)
             a = self.assign[r]

@@ -307,6 +307,7 @@ def test_cli_predict_applies_the_saved_model(cohort, tmp_path):
     assert r.returncode == 0 and "16 patients predicted, 16 with labels scored" in r.stdout and "auc_macro" in r.stdout, r.stderr
     a, b = (pd.read_csv(tmp_path / f / "predictions.csv") for f in ("x", "p"))
     assert a.patient_id.tolist() == b.patient_id.tolist() and np.allclose(a[PROB_COLS], b[PROB_COLS], atol=1e-5)
+    assert np.allclose(a.shift_score, b.shift_score) and (b.shift_score > 0).all()  # the same check from model.pt alone
     wide = write_synthetic_cohort(tmp_path / "wide", synthetic_bags(4, dim=8))
     for args, msg in (([str(tmp_path / "none.pt"), str(ext), "--features", str(ext.parent / "features")], "no such model file"),
                       ([str(tmp_path / "x" / "model.pt"), str(wide), "--features", str(wide.parent / "features")], "D=8")):

@@ -88,7 +88,7 @@ def compare_models(runs: dict,  # label -> train_cv output folder, all of one ta
     "One row per model: headline metric with CI and fold mean/sd, secondary metrics, paired difference to `reference`."
     key = HEADLINE[task]
     ci = lambda k: [k, f"{k}_ci_low", f"{k}_ci_high"]
-    extra = (["logrank_p", *ci("hr_high_low"), *ci("hr_per_sd_stage_adjusted"), "stage_added_lr_p"] if task == "survival"
+    extra = (["logrank_p", *ci("hr_high_low"), *ci("hr_per_sd_stage_adjusted"), "stage_added_p"] if task == "survival"
              else [*ci("balanced_accuracy"), "f1_macro", *ci("kappa_quadratic")])
     rows, oracle = [], None
     for label, run in runs.items():

@@ -171,10 +171,10 @@ def prognostic_value(pred: pd.DataFrame,  # scored patients: risk, survival_mont
     """Hazard ratios from Cox models on the scored predictions: `hr_high_low` (95 % Wald interval) and
     `hr_high_low_p`, the high-risk group against the low; `hr_per_sd`, per sd of the risk over these patients; and
     with a stage for at least two stages: `hr_per_sd_stage_adjusted` and its p, beside the stage as categories, and
-    `stage_added_lr_p`, the likelihood-ratio test of adding the risk to the stage alone (`n_stage_adjusted` patients,
-    those with a stage; not when the risk is the same for every patient of a stage, as a Cox model on the stage's
-    is). NaN where a model cannot be fitted; {} with fewer than two events."""
-    from scipy.stats import chi2
+    `stage_added_p`, the one-sided likelihood-ratio test of adding the risk to the stage alone (`n_stage_adjusted`
+    patients, those with a stage; not when the risk is the same for every patient of a stage in a fold, as a Cox
+    model on the stage's is). NaN where a model cannot be fitted; {} with fewer than two events."""
+    from scipy.stats import norm
     d = pred.assign(event=pred.event.astype(float), risk_sd=(pred.risk - pred.risk.mean()) / (pred.risk.std() or 1.0))
     if d.event.sum() < 2 or len(d) < 5: return {}
     m = {}
@@ -182,14 +182,16 @@ def prognostic_value(pred: pd.DataFrame,  # scored patients: risk, survival_mont
         m["hr_high_low"], m["hr_high_low_p"] = _hr(_cox(d.assign(high=(d.group == "high").astype(float)), ["high"]), "high")
     m["hr_per_sd"], m["hr_per_sd_p"] = _hr(_cox(d, ["risk_sd"]), "risk_sd")
     s = d[d.stage.notna() & (d.stage.astype(str) != "")] if "stage" in d else d.iloc[:0].assign(stage=[])
-    within = s.groupby("stage").risk.std().fillna(0).max() if len(s) else 0.0
+    within = s.groupby([c for c in ("fold", "stage") if c in s]).risk.std().fillna(0).max() if len(s) else 0.0
     if s.stage.nunique() >= 2 and s.event.sum() >= 2 and within > 1e-9:  # not for a risk made of the stage alone
         dummies = pd.get_dummies(s.stage.astype(str), prefix="stage", drop_first=True, dtype=float)
         s = pd.concat([s, dummies], axis=1)
         alone, both = _cox(s, list(dummies)), _cox(s, list(dummies) + ["risk_sd"])
         m["hr_per_sd_stage_adjusted"], m["hr_per_sd_stage_adjusted_p"] = _hr(both, "risk_sd")
-        m["stage_added_lr_p"] = (float(chi2.sf(2 * (both.log_likelihood_ - alone.log_likelihood_), 1))
-                                 if alone is not None and both is not None else np.nan)
+        if alone is None or both is None: m["stage_added_p"] = np.nan
+        else:  # the signed root of the likelihood ratio: one-sided, for a risk that is higher where death comes sooner
+            lr = max(2 * (both.log_likelihood_ - alone.log_likelihood_), 0.0)
+            m["stage_added_p"] = float(norm.sf(np.sign(both.params_["risk_sd"]) * np.sqrt(lr)))
         m["n_stage_adjusted"] = len(s)
     return m
 

@@ -52,13 +52,13 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
     else:
         inputs = (ClusterInputs(bags, None, device=dev, fitted=b["inputs"]) if model == "deepattnmisl"
                   else PatchInputs(bags, device=dev, fitted=b["inputs"]))
-    for m in b["members"]:  # each member's risk on its own training scale, as the ensemble was averaged in training
-        net = make_net(model, b["dim"], task, hp, dev)
-        net.load_state_dict(m["state"])
-        o, att = predict(net, inputs, idx, task, hp, attention=True)
-        preds.append((task_predict(o["out"], task, hp["ordinal"]) - m["shift"]) / m["scale"] if task == "survival"
-                     else task_predict(o["out"], task, hp["ordinal"]))
-        atts.append(att)
+        for m in b["members"]:  # each member's risk on its own training scale, as the ensemble was averaged in training
+            net = make_net(model, b["dim"], task, hp, dev)
+            net.load_state_dict(m["state"])
+            o, att = predict(net, inputs, idx, task, hp, attention=True)
+            preds.append((task_predict(o["out"], task, hp["ordinal"]) - m["shift"]) / m["scale"] if task == "survival"
+                         else task_predict(o["out"], task, hp["ordinal"]))
+            atts.append(att)
     r, pred = b["risk"], np.mean(preds, 0)
     beyond = [] if r is None else [p for p, v in zip(bags.patients, pred) if not r["min"] <= v <= r["max"]]
     if beyond:  # a model says little about patients unlike any it was trained on

@@ -25,7 +25,7 @@ from ..core import (WsiStudyError, atomic_path, flatten_metrics, get_logger, see
 from ..embedding import resolve_device
 from ..manifest import STAGES
 from ..report import km_by_group, save_figure
-from ..models.bags import TRAIN_PREFIX, Bags, embedded_as, join_bags, load_bags, synthetic_bags, write_features
+from ..models.bags import TRAIN_PREFIX, Bags, embedded_as, feature_moments, join_bags, load_bags, synthetic_bags, write_features
 from ..models.losses import cox_ph_loss, task_loss, task_predict
 from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
@@ -36,10 +36,10 @@ from .shift import feature_reference, flag_shifted, plot_shift, shift_score
 from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
-__all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'model_params',
-           'feature_moments', 'other_task', 'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches',
-           'train_epoch', 'predict', 'fit_fold', 'stack_risk', 'kfold', 'member_splits', 'save_model', 'load_model',
-           'pred_rows', 'score', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
+__all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'model_params', 'other_task',
+           'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold',
+           'stack_risk', 'kfold', 'member_splits', 'save_model', 'load_model', 'pred_rows', 'score', 'train_cv',
+           'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -106,19 +106,6 @@ def _kwargs(fn, hp: dict) -> dict:
     return {k: v for k, v in hp.items() if k in names and k not in ("task", "ordinal", "seed", "device", "norm")}
 
 # %% ../../nbs/19_cv.ipynb #89723aac
-def feature_moments(features: torch.Tensor, rows: np.ndarray,
-                    max_rows: int = 50_000,  # estimate from a seeded random sample of at most this many rows
-                    seed: int = 0, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    "Mean and sd (float32; an sd below 1e-6 becomes 1) of the given rows."
-    if len(rows) > max_rows: rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
-    s = torch.zeros(features.shape[1], dtype=torch.float64); ss = torch.zeros_like(s)
-    for c in range(0, len(rows), chunk):
-        x = features[torch.as_tensor(rows[c:c + chunk])].double()
-        s += x.sum(0); ss += (x * x).sum(0)
-    mu = s / len(rows)
-    sd = (ss / len(rows) - mu ** 2).clamp(min=0).sqrt()
-    return mu.float(), torch.where(sd < 1e-6, torch.ones_like(sd), sd).float()
-
 def _targets(labels: pd.DataFrame, device) -> dict:
     return {"time": torch.tensor(labels.survival_months.to_numpy(np.float32), device=device),
             "event": torch.tensor(labels.event.to_numpy(np.float32), device=device),

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from ..core import WsiStudyError, get_logger
-from ..models.bags import Bags
+from ..models.bags import Bags, feature_moments
 from ..models.deepattnmisl import kmeans_fit
 
 # %% auto #0
@@ -55,10 +55,9 @@ def feature_reference(bags: Bags,
     rows = bags.rows(fit)
     if len(rows) == 0 or len(bags.rows(calib)) == 0:
         raise WsiStudyError(f"a feature reference needs patches from at least two training patients, got {len(idx)}")
+    mean, sd = feature_moments(bags.features, rows, max_points, seed)  # the standardisation the models use
     if len(rows) > max_points: rows = np.sort(np.random.default_rng(seed).choice(rows, max_points, replace=False))
     x = bags.features[torch.as_tensor(rows)].float()
-    mean, sd = x.mean(0), x.std(0)
-    sd = torch.where(sd < 1e-6, torch.ones_like(sd), sd)
     ref = {"mean": mean, "sd": sd, "centroids": kmeans_fit((x - mean) / sd, min(k, len(x)), seed=seed, max_points=max_points)}
     dist = patient_distance(bags, ref, calib)
     return {**ref, "distances": torch.as_tensor(dist, dtype=torch.float32), "distance_max": float(np.nanmax(dist))}

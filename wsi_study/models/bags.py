@@ -19,8 +19,8 @@ from ..embedding import feature_path
 from ..manifest import STAGES, validate_manifest
 
 # %% auto #0
-__all__ = ['TASKS', 'SPEC_ATTRS', 'TRAIN_PREFIX', 'Bags', 'synthetic_bags', 'labelled', 'load_bags', 'write_features',
-           'embedded_as', 'check_alike', 'join_bags']
+__all__ = ['TASKS', 'SPEC_ATTRS', 'TRAIN_PREFIX', 'Bags', 'synthetic_bags', 'feature_moments', 'labelled', 'load_bags',
+           'write_features', 'embedded_as', 'check_alike', 'join_bags']
 
 # %% ../../nbs/11_bags.ipynb #ed621746
 TASKS = ("survival", "stage")
@@ -98,6 +98,20 @@ def synthetic_bags(patients: int = 24,  # number of patients (stages cycle A, B,
                 pd.DataFrame(rows, columns=["slide_id", "patient_id", "path", "patch_size_level0", "n_patches"]),
                 pd.DataFrame(labels, columns=["patient_id", "stage", "stage_index", "survival_months", "event"])
                 .set_index("patient_id"))
+
+# %% ../../nbs/11_bags.ipynb #4558a6ac
+def feature_moments(features: torch.Tensor, rows: np.ndarray,
+                    max_rows: int = 50_000,  # estimate from a seeded random sample of at most this many rows
+                    seed: int = 0, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    "Mean and sd (float32; an sd below 1e-6 becomes 1) of the given rows."
+    if len(rows) > max_rows: rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    s = torch.zeros(features.shape[1], dtype=torch.float64); ss = torch.zeros_like(s)
+    for c in range(0, len(rows), chunk):
+        x = features[torch.as_tensor(rows[c:c + chunk])].double()
+        s += x.sum(0); ss += (x * x).sum(0)
+    mu = s / len(rows)
+    sd = (ss / len(rows) - mu ** 2).clamp(min=0).sqrt()
+    return mu.float(), torch.where(sd < 1e-6, torch.ones_like(sd), sd).float()
 
 # %% ../../nbs/11_bags.ipynb #cfce1022
 _log = get_logger("wsi_study.models")

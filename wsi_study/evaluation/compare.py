@@ -88,8 +88,9 @@ def compare_models(runs: dict,  # label -> train_cv output folder, all of one ta
     "One row per model: headline metric with CI and fold mean/sd, secondary metrics, paired difference to `reference`."
     key = HEADLINE[task]
     ci = lambda k: [k, f"{k}_ci_low", f"{k}_ci_high"]
-    extra = (["logrank_p", *ci("hr_high_low"), *ci("hr_per_sd_stage_adjusted"), "stage_added_p"] if task == "survival"
-             else [*ci("balanced_accuracy"), "f1_macro", *ci("kappa_quadratic")])
+    extra = (["logrank_p", *ci("hr_high_low"), *ci("hr_per_sd_stage_adjusted"), "stage_added_p", *ci("uno_cindex"),
+              *ci("td_auc_mean"), *ci("ipa"), *ci("calibration_slope")] if task == "survival"
+             else [*ci("balanced_accuracy"), "f1_macro", *ci("kappa_quadratic"), *ci("brier"), *ci("ece")])
     rows, oracle = [], None
     for label, run in runs.items():
         f = Path(run) / "metrics.json"

@@ -33,13 +33,15 @@ from ..models.baselines import MeanPoolBaseline, cox_coefficients, mean_embeddin
 from .splits import check_splits, external_splits, fold_indices, load_splits, make_splits, save_splits
 from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, prognostic_value, risk_components, truth_cox
 from .shift import feature_reference, flag_shifted, plot_shift, shift_score
+from .calibration import (eval_times, plot_reliability, plot_survival_calibration, risk_to_survival,
+                                              stage_calibration, survival_calibration)
 from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'model_params', 'other_task',
            'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold',
-           'stack_risk', 'kfold', 'member_splits', 'save_model', 'load_model', 'pred_rows', 'score', 'train_cv',
-           'write_synthetic_cohort', 'bench_mil']
+           'stack_risk', 'kfold', 'member_splits', 'save_model', 'load_model', 'pred_rows', 'fold_curves', 'score',
+           'train_cv', 'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -204,7 +206,7 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         if model == "stage_cox": X = stage_onehot(bags.labels)  # 4 columns: no PCA
         else: X = cache["mean"] if cache and "mean" in cache else mean_embeddings(bags)
         base = MeanPoolBaseline(task, **_kwargs(MeanPoolBaseline, hp), seed=seed).fit(X[fit_idx], bags.labels.iloc[fit_idx])
-        return {"idx": everyone, "pred": base.predict(X[everyone]), "attention": [], "history": [],
+        return {"idx": everyone, "pred": base.predict(X[everyone]), "oob": None, "attention": [], "history": [],
                 "best_epoch": None, "seconds": time.perf_counter() - t0,
                 **({"baseline": base.state(), "members": [], "inputs": None, "dim": X.shape[1]} if keep else {})}
     rng, members = np.random.default_rng(seed), int(hp["members"])
@@ -237,12 +239,12 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
     # stop_together: the members train side by side and stop at one epoch, chosen on all their validation parts at once
     for js in ([list(range(len(subs)))] if hp["stop_together"] else [[j] for j in range(len(subs))]):
         best += train(js, [subs[j] for j in js], hp)
-    if hp.get("stack"):  # each fit patient's risk from the one member that did not train on it (its validation part)
-        pos, oob = pd.Series(np.arange(len(everyone)), index=everyone), np.full(len(everyone), np.nan)
-        oob_mass = np.full(len(everyone), np.nan)
-        for j, (sub, p) in enumerate(zip(subs, preds)):
-            v = pos.loc[sub["val"]].to_numpy(); oob[v] = p[v]
-            if masses: oob_mass[v] = masses[j][v]
+    # each fit patient's risk from the member that did not train on it (its validation part; NaN for a lone network's training part)
+    pos, oob = pd.Series(np.arange(len(everyone)), index=everyone), np.full(len(everyone), np.nan)
+    oob_mass = np.full(len(everyone), np.nan)
+    for j, (sub, p) in enumerate(zip(subs, preds) if task == "survival" else []):
+        v = pos.loc[sub["val"]].to_numpy(); oob[v] = p[v]
+        if masses: oob_mass[v] = masses[j][v]
     done = [b for b in best if b is not None]
     if hp["refit"] and done:  # early stopping only measured the length: every fit patient now trains, as many epochs
         preds.clear(); atts.clear(); masses.clear(); kept.clear()
@@ -257,7 +259,7 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         pred, coef = stack_risk(oob, pred, cov, len(fit_idx), bags.labels.iloc[fit_idx], hp["stack"], seed, names=names)
         _log.info(f"fold {fold}: stacked Cox, {hp.get('stack_on', 'shares')}' penalty {coef['penalty']}: " +
                   ", ".join(f"{k} {v:+.2f}" for k, v in coef.items() if k != "penalty"))
-    return {"idx": everyone, "pred": pred, "attention": attention, "history": history, "stack": coef,
+    return {"idx": everyone, "pred": pred, "oob": oob, "attention": attention, "history": history, "stack": coef,
             "best_epoch": float(np.mean(done)) if done else None, "seconds": time.perf_counter() - t0,
             **({"members": kept, "inputs": inputs.state(), "dim": inputs.dim} if keep else {})}
 
@@ -372,6 +374,10 @@ def save_model(path, bundle: dict) -> Path:
     with atomic_path(path, suffix=".pt") as tmp: torch.save({"format": MODEL_FORMAT, **bundle}, tmp)
     return Path(path)
 
+def _tensors(d: dict | None) -> dict | None:
+    "A dict's numpy arrays as tensors, which `load_model`'s `weights_only` reads."
+    return None if d is None else {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in d.items()}
+
 def load_model(path) -> dict:
     "Read a model written by `save_model`; tensors and plain values only (`weights_only`: loading runs no code)."
     path = Path(path)
@@ -394,8 +400,25 @@ def pred_rows(ids, values, fold, task: str,
     return [{"patient_id": pid, "fold": int(fold), **dict(zip(PROB_COLS, map(float, p))), "pred": STAGES[int(np.argmax(p))]}
             for pid, p in zip(ids, values)]
 
+def fold_curves(fit_labels: pd.DataFrame,  # the fold's fit patients' labels (survival_months, event)
+                fit_risk: np.ndarray,  # their risks from models that did not train on them (in-sample for meanpool, stage_cox)
+                test_ids: list, test_risk: np.ndarray, times: np.ndarray, fold: int,
+                rows: list[dict],  # predictions.csv rows, the fold's test patients last: `log_hazard` is added to them
+               ) -> tuple[dict, dict | None]:
+    """{patient: (predicted survival at `times`, the fit patients' Kaplan–Meier)} for a fold's test patients (NaN with
+    a warning when no Cox model fits), and the `fit_baseline` that made them."""
+    c = risk_to_survival(fit_labels.assign(risk=fit_risk), test_risk, times)
+    if c is None:
+        _log.warning(f"fold {fold}: no Cox model of survival on the training patients' risks fits; no survival curves for its patients")
+        nan = np.full(len(times), np.nan)
+        return {p: (nan, nan) for p in test_ids}, None
+    for row, lh in zip(rows[-len(test_ids):], c["log_hazard"]): row["log_hazard"] = float(lh)
+    return {p: (s, c["km"]) for p, s in zip(test_ids, c["surv"])}, c["baseline"]
+
 def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: Path | None, n_boot: int, seed: int,
           fit_truth="folds",  # the truth-Cox reference: "folds" (on the other folds), a training cohort's truth folder, or None
+          curves: dict | None = None,  # survival: `fold_curves` of every scored patient, with `times`
+          times: np.ndarray | None = None,
          ) -> tuple[pd.DataFrame, dict]:
     """Join the labels to `pred` (index patient_id), write predictions.csv and score the patients that have the task's
     labels: the task's metrics (for survival with the hazard ratios of `prognostic_value`) and, with ground truth in `tdir`, the oracle, the risk's components, the truth-Cox
@@ -405,10 +428,18 @@ def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: 
         known = pred.dropna(subset=["survival_months", "event"])
         metrics = survival_metrics(known.reset_index(), n_boot, seed) if known.event.sum() > 0 else {}
         if metrics: metrics.update(prognostic_value(known.join(labels[["stage"]]) if "stage" in labels else known))
+        if curves:  # every patient's curve; the scores of those with labels
+            pd.DataFrame(np.array([curves[p][0] for p in pred.index]), index=pred.index,
+                         columns=[f"{t:g}" for t in times]).rename_axis("patient_id").to_csv(out / "survival_curves.csv")
+        else: (out / "survival_curves.csv").unlink(missing_ok=True)  # a reused folder keeps no other run's curves
+        if metrics and curves:
+            surv, km = (np.array([curves[p][k] for p in known.index]) for k in (0, 1))
+            metrics.update(survival_calibration(known, surv, km, times, n_boot, seed))
     else:
         pred = pred.join(labels[["stage", "stage_index"]])
         known = pred[pred.stage_index >= 0]
         metrics = stage_metrics(known.reset_index().assign(pred_index=known.pred.map(STAGES.index).to_numpy()), n_boot, seed) if len(known) else {}
+        metrics.update(stage_calibration(known, n_boot, seed))
     metrics.setdefault("n_patients", len(known))  # the patients scored
     pred.reset_index().drop(columns=["stage_index"], errors="ignore").to_csv(out / "predictions.csv", index=False)
     if tdir is not None and task == "survival" and (tdir / "truth.csv").is_file() and "cindex" in metrics:
@@ -497,7 +528,9 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     save = test_manifest is not None and model in (*NETS, "meanpool") and not hp.get("stack")  # the final model: written to model.pt
     if test_manifest is not None and not save:
         _log.info(f"model.pt is written for the neural models without stack and for meanpool only; {model} is not saved")
-    rows, history, best_epochs, stacks = [], [], [], []
+    rows, history, best_epochs, stacks, curves = [], [], [], [], {}
+    scored = labels.loc[labels.index.isin(set(sp[sp.role == "test"].patient_id))] if task == "survival" else None
+    times = eval_times(scored.survival_months.dropna(), scored.event.dropna()) if task == "survival" else None
     for f in tqdm(sorted(sp.fold.unique()), desc=f"{model} · {task}", disable=not progress):
         idx = fold_indices(sp, bags.patients, f)
         r = fit_fold(bags, idx, model, task, seed + int(f), dev, progress, int(f), hp, cache, keep=save)
@@ -505,6 +538,10 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         pred_fit, pred_test = r["pred"][:n_fit], r["pred"][n_fit:]
         scale = (float(pred_fit.mean()), float(pred_fit.std()) or 1.0, float(np.median(pred_fit))) if task == "survival" else None
         rows += pred_rows([bags.patients[i] for i in idx["test"]], pred_test, f, task, scale)
+        if task == "survival" and len(times):  # survival curves: a Cox model on the fit patients' out-of-member risks
+            cs, baseline = fold_curves(labels.iloc[r["idx"][:n_fit]], pred_fit if r["oob"] is None else r["oob"][:n_fit],
+                                       [bags.patients[i] for i in idx["test"]], pred_test, times, int(f), rows)
+            curves.update(cs)
         if save:  # what the training patches look like, for this run and `predict` to name patients unlike them
             reference = feature_reference(bags, np.concatenate([idx["train"], idx["val"]]), seed=seed)
             shifts = shift_score(bags, reference, idx["test"])
@@ -515,16 +552,17 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     pred = pd.DataFrame(rows).set_index("patient_id").loc[[p for p in bags.patients if p in set(sp[sp.role == "test"].patient_id)]]
     tdir = _truth_dir(manifest if test_manifest is None else test_manifest, truth)
     pred, metrics = score(out, pred, labels, task, tdir, n_boot, seed,
-                          "folds" if test_manifest is None else _truth_dir(manifest, train_truth))
+                          "folds" if test_manifest is None else _truth_dir(manifest, train_truth), curves, times)
     _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold",
-             metrics.get("hr_high_low"), reference if save else None)
+             metrics.get("hr_high_low"), reference if save else None, curves, times)
     if save: metrics["n_shifted"] = flag_shifted(list(pred.index), pred.shift_score.to_numpy())
     if save:
         save_model(out / "model.pt", {"model": model, "task": task, "hp": hp, "features_dim": bags.dim, "dim": r["dim"],
                                       "spec": trained_on, "inputs": r["inputs"], "members": r["members"], "seed": seed,
                                       "risk": None if scale is None else {**dict(zip(("mu", "sd", "threshold"), scale)),
                                           "min": float(pred_fit.min()), "max": float(pred_fit.max())},
-                                      "train_patients": n_fit, "reference": reference, "baseline": r.get("baseline")})
+                                      "train_patients": n_fit, "reference": reference, "baseline": r.get("baseline"),
+                                      "survival": _tensors(baseline) if task == "survival" and len(times) else None})
     if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
     done = [b for b in best_epochs if b is not None]
     metrics.update(folds=int(sp.fold.nunique()), seed=seed, best_epoch_mean=float(np.mean(done)) if done else None)
@@ -538,7 +576,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
 def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.DataFrame, heatmaps: int,
              scored: str = "out-of-fold",  # which predictions: out-of-fold, or an external test cohort's
              hr: tuple | None = None,  # (hazard ratio, low, high) of the high-risk group, for the KM figure's title
-             reference: dict | None = None):  # the model's `feature_reference`: draw every patient's `shift_score`
+             reference: dict | None = None,  # the model's `feature_reference`: draw every patient's `shift_score`
+             curves: dict | None = None, times: np.ndarray | None = None):  # survival: `fold_curves`, for the calibration figure
     "KM or confusion matrix (of the patients with labels), training curves, attention heatmaps and shift scores of a run."
     if reference is not None and "shift_score" in pred:
         ax = plot_shift(pred.shift_score, reference); save_figure(ax.figure, out, "shift_scores"); plt.close(ax.figure)
@@ -547,9 +586,16 @@ def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.D
         hr = "" if hr is None or not np.isfinite(hr[0]) else f"\nHR high/low {hr[0]:.2f} [{hr[1]:.2f}, {hr[2]:.2f}]"
         ax, _ = km_by_group(pred, "group", title=f"{model}: {scored} risk groups{hr}")
         save_figure(ax.figure, out, "km_risk_groups"); plt.close(ax.figure)
+    if task == "survival" and curves and pred.event.sum() >= 2:
+        surv, km = (np.array([curves[p][k] for p in pred.index]) for k in (0, 1))
+        if np.isfinite(surv).all(1).sum() >= 6:  # two patients in each third
+            fig = plot_survival_calibration(pred, surv, km, times, title=f"{model}: {scored} survival curves")
+            save_figure(fig, out, "survival_calibration"); plt.close(fig)
     elif task == "stage" and len(pred):
         ax = plot_confusion(pred.assign(pred_index=pred.pred.map(STAGES.index)), title=f"{model}: {scored} stage")
         save_figure(ax.figure, out, "confusion_matrix"); plt.close(ax.figure)
+        ax = plot_reliability(pred, title=f"{model}: {scored} stage probabilities")
+        save_figure(ax.figure, out, "stage_reliability"); plt.close(ax.figure)
     if len(history):
         history.to_csv(out / "history.csv", index=False)
         fig = _curves(history, f"{model} · {task}"); save_figure(fig, out, "training_curves"); plt.close(fig)

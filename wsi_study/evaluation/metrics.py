@@ -15,9 +15,9 @@ from ..core import WsiStudyError
 from ..manifest import STAGES
 
 # %% auto #0
-__all__ = ['PROB_COLS', 'harrell_cindex', 'bootstrap', 'fold_spread', 'survival_metrics', 'patient_truth', 'oracle_cindex',
-           'oracle_gap', 'risk_components', 'prognostic_value', 'fold_cox_risk', 'truth_cox_risk', 'truth_cox',
-           'auc_ovr_macro', 'stage_metrics', 'plot_confusion', 'compare_runs']
+__all__ = ['PROB_COLS', 'harrell_cindex', 'bootstrap_many', 'bootstrap', 'fold_spread', 'survival_metrics', 'patient_truth',
+           'oracle_cindex', 'oracle_gap', 'risk_components', 'prognostic_value', 'fold_cox_risk', 'truth_cox_risk',
+           'truth_cox', 'auc_ovr_macro', 'stage_metrics', 'plot_confusion', 'compare_runs']
 
 # %% ../../nbs/17_metrics.ipynb #5d4559f4
 def harrell_cindex(time,  # follow-up times
@@ -38,19 +38,30 @@ def harrell_cindex(time,  # follow-up times
     return float((conc.sum() + 0.5 * ties.sum()) / n)
 
 # %% ../../nbs/17_metrics.ipynb #a53a1947
+def bootstrap_many(stats,  # function of an index array -> dict of floats
+                   n: int,  # number of patients
+                   n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95,
+                  ) -> dict[str, tuple[float, float, float]]:
+    "{name: (value, low, high)}: each statistic on all patients and its percentile bootstrap interval, all from the same resamples (one pass where the statistics share work)."
+    value = {k: float(v) for k, v in stats(np.arange(n)).items()}
+    rng = np.random.default_rng(seed)
+    draws = [stats(rng.integers(0, n, n)) for _ in range(n_boot)]
+    a, out = (1 - level) / 2, {}
+    for k, v in value.items():
+        vals = np.array([d[k] for d in draws], dtype=float)
+        vals = vals[np.isfinite(vals)]
+        out[k] = ((v, float("nan"), float("nan")) if len(vals) < max(10, n_boot // 10)
+                  else (v, float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))))
+    return out
+
 def bootstrap(stat,  # function of an index array -> float
               n: int,  # number of patients
               n_boot: int = 1000, seed: int = 0,
               level: float = 0.95,
              ) -> tuple[float, float, float]:
     "(value, low, high): the statistic on all patients and its percentile bootstrap interval."
-    value = float(stat(np.arange(n)))
-    rng = np.random.default_rng(seed)
-    vals = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=float)
-    vals = vals[np.isfinite(vals)]
-    if len(vals) < max(10, n_boot // 10): return value, float("nan"), float("nan")
-    a = (1 - level) / 2
-    return value, float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+    return bootstrap_many(lambda i: {"value": stat(i)}, n, n_boot, seed, level)["value"]
 
 def fold_spread(df: pd.DataFrame, stat) -> tuple[float, float]:
     "Mean and sd (ddof=1) over folds of `stat(fold_rows)`, ignoring undefined folds."

@@ -21,6 +21,7 @@ from ..models.deepattnmisl import ClusterInputs
 from ..models.losses import task_predict
 from .cv import _figures, _truth_dir, _write_attention, load_model, make_net, pred_rows, predict, score
 from .shift import flag_shifted, shift_score
+from .calibration import apply_baseline, eval_times
 
 # %% auto #0
 __all__ = ['predict_cohort']
@@ -71,9 +72,17 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
         shifts = shift_score(bags, ref)
         for row, s in zip(rows, shifts): row["shift_score"] = float(s)
     if atts: _write_attention(out, bags, idx, [np.mean([a[i] for a in atts], 0) for i in idx], -1, model)  # -1: no fold
+    curves, times, base = None, None, b.get("survival")  # the training cohort's Cox model of survival on the risk
+    if base is not None:  # at the cohort's own event times when it has them, else at the training cohort's
+        lab = bags.labels.dropna(subset=["survival_months", "event"])
+        times = eval_times(lab.survival_months, lab.event)
+        times = times if len(times) >= 2 else base["eval_times"].numpy()
+        c = apply_baseline(base, pred, times)
+        for row, lh in zip(rows, c["log_hazard"]): row["log_hazard"] = float(lh)
+        curves = {p: (s, c["km"]) for p, s in zip(bags.patients, c["surv"])}
     pred, metrics = score(out, pd.DataFrame(rows).set_index("patient_id"), bags.labels, task,
-                          _truth_dir(manifest, truth), n_boot, seed, fit_truth=None)
-    _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted", metrics.get("hr_high_low"), ref)
+                          _truth_dir(manifest, truth), n_boot, seed, fit_truth=None, curves=curves, times=times)
+    _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted", metrics.get("hr_high_low"), ref, curves, times)
     metrics["n_predicted"] = len(pred)  # `n_patients`: those scored (with the task's labels)
     if r is not None: metrics["n_beyond_training"] = len(beyond)
     if ref is not None: metrics["n_shifted"] = flag_shifted(bags.patients, shifts)

@@ -156,7 +156,8 @@ def run_dir(out: Path, config: str, seed: int) -> Path:
     return out / f"seed{seed}" if config == config_name({}) else out / config / f"seed{seed}"
 
 SEED_METRICS = ("hr_high_low", "hr_per_sd_stage_adjusted", "stage_added_p",  # kept per seed in sweep.csv (for
-                "balanced_accuracy", "kappa_quadratic")                        # `compare-seeds --target`), not summarised
+                "uno_cindex", "td_auc_mean", "ipa", "calibration_slope",       # `compare-seeds --target`), not summarised
+                "balanced_accuracy", "kappa_quadratic", "brier", "ece")
 TRUTH_METRICS = ("localisation_auc", "latent_spearman", "oracle_cindex", "oracle_gap",  # NaN without ground truth
                  "stage_only_cindex", "burden_weight", "burden_weight_true", "burden_spearman_within_stage",
                  "truth_cox_cindex", "truth_cox_gap")

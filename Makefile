@@ -78,7 +78,7 @@ repeats: install  ## after make study: the demo's survival models cross-validate
 			--seeds $(SEEDS) --out results/demo/repeats/$${m}_survival || exit $$?; \
 	done
 	$(BIN)/wsi-study compare-seeds $(foreach m,deepattnmisl abmil meanpool stage_cox,results/demo/repeats/$(m)_survival) \
-		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --target "truth_cox_gap<=0" --target "stage_added_p<=0.05" \
+		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --target "truth_cox_gap<=0" --target "stage_added_p<=0.05" --target "ipa>=0" \
 		--out results/demo/repeats/compare
 
 EXTERNAL := results/demo/external
@@ -91,7 +91,7 @@ external: install  ## after make study: train on demo_dev (100 patients; feature
 	$(BIN)/wsi-study train data/demo_dev/manifest.csv --features $(DEV_FEATURES) --model deepattnmisl --task stage --seeds $(SEEDS) \
 		--test-manifest data/demo/manifest.csv --test-features $(DEMO_FEATURES) --out $(EXTERNAL)/deepattnmisl_stage
 	$(BIN)/wsi-study compare-seeds $(foreach m,deepattnmisl abmil meanpool stage_cox,$(EXTERNAL)/$(m)_survival) \
-		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --target "stage_added_p<=0.05" --out $(EXTERNAL)/compare
+		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --target "stage_added_p<=0.05" --target "ipa>=0" --out $(EXTERNAL)/compare
 
 # the cohorts' features (built when missing), then DeepAttnMISL cross-validated on each over split seeds 0-9
 define deepattnmisl_repeats

@@ -93,6 +93,14 @@ def _time_scores(t, e, risk, surv, km, times) -> dict:
     out["ipa"] = 1 - out["ibs"] / out["ibs_km"] if out["ibs_km"] > 0 else np.nan
     return out
 
+def _with_curves(pred: pd.DataFrame, surv: np.ndarray, km: np.ndarray, times: np.ndarray):
+    "The patients with curves, their curves, and the position in `times` of their median event time (where calibration is read)."
+    ok = np.isfinite(surv).all(1) & np.isfinite(km).all(1)
+    d = pred[ok]
+    died = d.event.to_numpy(float) > 0.5
+    j = int(np.argmin(np.abs(times - np.median(d.survival_months.to_numpy(float)[died])))) if died.any() else 0
+    return d, surv[ok], km[ok], j
+
 def calibration_groups(pred: pd.DataFrame,  # scored patients: survival_months, event
                        surv_t: np.ndarray,  # (n,) each patient's predicted survival at `t`
                        t: float, groups: int = 3) -> pd.DataFrame:
@@ -123,8 +131,7 @@ def survival_calibration(pred: pd.DataFrame,  # scored patients: survival_months
     Cox coefficient of the outcome on `log_hazard` (1 when calibrated, below 1 when the risks spread too far);
     `calibration_error`: the mean |Kaplan–Meier − mean prediction| at `calibration_time` (the median event time) over
     the three thirds of predicted survival. {} with fewer than two events or no curves."""
-    ok = np.isfinite(surv).all(1) & np.isfinite(km).all(1)
-    d, surv, km = pred[ok], surv[ok], km[ok]
+    d, surv, km, j = _with_curves(pred, surv, km, times)
     t, e, r = (d[c].to_numpy(float) for c in ("survival_months", "event", "risk"))
     if len(times) < 2 or (e > 0.5).sum() < 2: return {}
     m = bootstrap_many(lambda i: _time_scores(t[i], e[i], r[i], surv[i], km[i], times), len(d), n_boot, seed)
@@ -132,11 +139,10 @@ def survival_calibration(pred: pd.DataFrame,  # scored patients: survival_months
     if cph is not None:
         s = cph.summary.loc["lh"]
         m["calibration_slope"] = (float(s["coef"]), float(s["coef lower 95%"]), float(s["coef upper 95%"]))
-    j = int(np.argmin(np.abs(times - np.median(t[e > 0.5]))))
     cal = calibration_groups(d, surv[:, j], times[j])
     m["calibration_time"] = float(times[j])
     m["calibration_error"] = float(np.average((cal.observed - cal.predicted).abs(), weights=cal.n))
-    m["n_calibrated"] = int(ok.sum())
+    m["n_calibrated"] = len(d)
     return m
 
 # %% ../../nbs/17a_calibration.ipynb #17384158
@@ -145,10 +151,8 @@ def plot_survival_calibration(pred: pd.DataFrame,  # scored patients: survival_m
                               times: np.ndarray, title: str = ""):
     "Two panels: predicted against observed survival at the median event time in thirds of the prediction, and the Brier score over time against the Kaplan–Meier's."
     from sksurv.metrics import brier_score
-    ok = np.isfinite(surv).all(1) & np.isfinite(km).all(1)
-    d, surv, km = pred[ok], surv[ok], km[ok]
+    d, surv, km, j = _with_curves(pred, surv, km, times)
     t, e = d.survival_months.to_numpy(float), d.event.to_numpy(float)
-    j = int(np.argmin(np.abs(times - np.median(t[e > 0.5]))))
     cal = calibration_groups(d, surv[:, j], times[j])
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
     a.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
@@ -172,10 +176,14 @@ def _brier(y, p) -> float:
     "Multi-class Brier score: the mean over patients of the squared distance between the probabilities and the true stage's one-hot (0 best, 2 worst)."
     return float(((p - np.eye(p.shape[1])[y]) ** 2).sum(1).mean())
 
+def _confidence_bins(y, p, n_bins: int):
+    "Each patient's confidence (probability of the predicted stage), whether the call was right, and its equal-width bin."
+    conf, hit = p.max(1), (p.argmax(1) == y).astype(float)
+    return conf, hit, np.minimum((conf * n_bins).astype(int), n_bins - 1)
+
 def _ece(y, p, n_bins: int = 5) -> float:
     "Expected calibration error of the top stage: |accuracy − confidence| in equal-width bins of confidence, weighted by the patients in each."
-    conf, hit = p.max(1), (p.argmax(1) == y).astype(float)
-    b = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    conf, hit, b = _confidence_bins(y, p, n_bins)
     return float(sum(abs(hit[b == k].mean() - conf[b == k].mean()) * (b == k).sum() for k in np.unique(b)) / len(y))
 
 def stage_calibration(pred: pd.DataFrame,  # one row per patient: stage_index, prob_A..prob_D
@@ -190,8 +198,7 @@ def plot_reliability(pred: pd.DataFrame,  # one row per patient: stage_index, pr
     "Reliability diagram of the top stage: accuracy against confidence per bin, the patients in each bin written beside it."
     ax = ax or plt.subplots(figsize=(4.2, 4))[1]
     y, p = pred.stage_index.to_numpy(int), pred[PROB_COLS].to_numpy(float)
-    conf, hit = p.max(1), (p.argmax(1) == y).astype(float)
-    b = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    conf, hit, b = _confidence_bins(y, p, n_bins)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     for k in np.unique(b):
         ax.plot(conf[b == k].mean(), hit[b == k].mean(), "o", color="#2b6cb0")

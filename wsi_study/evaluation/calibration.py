@@ -146,15 +146,17 @@ def survival_calibration(pred: pd.DataFrame,  # scored patients: survival_months
     return m
 
 # %% ../../nbs/17a_calibration.ipynb #17384158
-def plot_survival_calibration(pred: pd.DataFrame,  # scored patients: survival_months, event
+def plot_survival_calibration(pred: pd.DataFrame,  # scored patients: survival_months, event, risk
                               surv: np.ndarray, km: np.ndarray,  # (n, T) predicted and Kaplan–Meier survival (rows as `pred`)
                               times: np.ndarray, title: str = ""):
-    "Two panels: predicted against observed survival at the median event time in thirds of the prediction, and the Brier score over time against the Kaplan–Meier's."
-    from sksurv.metrics import brier_score
+    """Three panels: predicted against observed survival at the median event time in thirds of the prediction, the
+    Brier score over time against the Kaplan–Meier's, and the time-dependent (cumulative/dynamic) AUC of the risk."""
+    import warnings
+    from sksurv.metrics import brier_score, cumulative_dynamic_auc
     d, surv, km, j = _with_curves(pred, surv, km, times)
     t, e = d.survival_months.to_numpy(float), d.event.to_numpy(float)
     cal = calibration_groups(d, surv[:, j], times[j])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
     a.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     a.errorbar(cal.predicted, cal.observed, yerr=[cal.observed - cal.observed_low, cal.observed_high - cal.observed],
                fmt="o", color="#2b6cb0", ecolor="#90cdf4", elinewidth=3)
@@ -163,10 +165,16 @@ def plot_survival_calibration(pred: pd.DataFrame,  # scored patients: survival_m
           ylabel="Kaplan–Meier (95% CI)", title="calibration, thirds of the prediction")
     y = _surv_array(t, e)
     keep = times < t.max()
-    for s, label, c in ((surv, "model", "#2b6cb0"), (km, "Kaplan–Meier of the training patients", "0.5")):
-        b.plot(times[keep], brier_score(y, y, s[:, keep], times[keep])[1], marker=".", color=c, label=label)
+    for s, label, colour in ((surv, "model", "#2b6cb0"), (km, "Kaplan–Meier of the training patients", "0.5")):
+        b.plot(times[keep], brier_score(y, y, s[:, keep], times[keep])[1], marker=".", color=colour, label=label)
     b.set(xlabel="months", ylabel="Brier score (IPCW)", title="prediction error over time")
     b.legend(fontsize=7)
+    with warnings.catch_warnings():  # a time without a case or a control: NaN there
+        warnings.simplefilter("ignore", RuntimeWarning)
+        auc, mean = cumulative_dynamic_auc(y, y, d.risk.to_numpy(float), times[keep])
+    c.plot(times[keep], auc, marker=".", color="#2b6cb0")
+    c.axhline(0.5, color="grey", lw=0.8, ls=":")
+    c.set(xlabel="months", ylabel="AUC (IPCW)", ylim=(0.3, 1.0), title=f"discrimination over time (mean {mean:.2f})")
     if title: fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

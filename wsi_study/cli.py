@@ -96,10 +96,13 @@ def cmd_train(args) -> int:
     metrics = train_cv(args.manifest, args.features, model=args.model, task=args.task, out_dir=args.out,
                        folds=args.folds, seed=args.seed or 0, epochs=args.epochs, device=args.device, splits=args.splits,
                        progress=not args.quiet, **args.test, **args.hparams)
-    head = [k for k in ("cindex", "oracle_cindex", "auc_macro", "balanced_accuracy", "localisation_auc") if k in metrics]
-    print(f"{args.out}: " + ", ".join(f"{k} {metrics[k]:.3f} [{metrics.get(k + '_ci_low', float('nan')):.3f}, "
-                                      f"{metrics.get(k + '_ci_high', float('nan')):.3f}]" for k in head))
+    print(f"{args.out}: " + _headline(metrics, ("cindex", "oracle_cindex", "ipa", "auc_macro", "balanced_accuracy", "localisation_auc")))
     return 0
+
+def _headline(m: dict, keys) -> str:
+    "`key value [low, high]` for each of `keys` that `m` has."
+    return ", ".join(f"{k} {m[k]:.3f} [{m.get(k + '_ci_low', float('nan')):.3f}, {m.get(k + '_ci_high', float('nan')):.3f}]"
+                     for k in keys if k in m)
 
 def _train_repeats(args) -> int:
     "Repeated cross-validation, one run per split seed: the summary over the seeds."
@@ -116,9 +119,8 @@ def cmd_predict(args) -> int:
     "Apply a saved model (model.pt of an external validation) to a cohort's features."
     from wsi_study.evaluation.predict import predict_cohort
     m = predict_cohort(args.model_file, args.manifest, args.features, args.out, device=args.device, progress=not args.quiet)
-    head = [k for k in ("cindex", "oracle_cindex", "auc_macro", "localisation_auc") if k in m]
-    print(f"{args.out}: {int(m['n_predicted'])} patients predicted, {int(m['n_patients'])} with labels scored" + "".join(
-        f", {k} {m[k]:.3f} [{m.get(k + '_ci_low', float('nan')):.3f}, {m.get(k + '_ci_high', float('nan')):.3f}]" for k in head))
+    head = _headline(m, ("cindex", "oracle_cindex", "ipa", "auc_macro", "localisation_auc"))
+    print(f"{args.out}: {int(m['n_predicted'])} patients predicted, {int(m['n_patients'])} with labels scored" + (f", {head}" if head else ""))
     return 0
 
 def cmd_tune(args) -> int:

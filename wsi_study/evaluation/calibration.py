@@ -13,8 +13,8 @@ from ..core import get_logger
 from .metrics import PROB_COLS, _cox, bootstrap_many
 
 # %% auto #0
-__all__ = ['eval_times', 'fit_baseline', 'apply_baseline', 'risk_to_survival', 'calibration_groups', 'survival_calibration',
-           'plot_survival_calibration', 'stage_calibration', 'plot_reliability']
+__all__ = ['eval_times', 'breslow', 'fit_baseline', 'apply_baseline', 'risk_to_survival', 'calibration_groups',
+           'survival_calibration', 'plot_survival_calibration', 'stage_calibration', 'plot_reliability']
 
 # %% ../../nbs/17a_calibration.ipynb #248e38a7
 _log = get_logger("wsi_study.evaluation")
@@ -29,19 +29,37 @@ def eval_times(time,  # follow-up times of the patients scored
     g = np.unique(np.percentile(t[e], np.linspace(lo, hi, n)))
     return g[(g >= t.min()) & (g < t.max())]
 
-def fit_baseline(fit: pd.DataFrame,  # training patients: `risk` from models that did not train on them, survival_months, event
+def breslow(time, event, log_hazard) -> tuple[np.ndarray, np.ndarray]:
+    """Breslow's baseline cumulative hazard at every distinct follow-up time, for given log hazards: deaths at a time
+    over the sum of exp(log hazard) of those still at risk. Written here because lifelines estimates it only beside
+    coefficients it fits itself; checked against lifelines below."""
+    t, e, w = np.asarray(time, float), np.asarray(event, float) > 0.5, np.exp(np.asarray(log_hazard, float))
+    times = np.unique(t)
+    at_risk = np.array([w[t >= s].sum() for s in times])
+    deaths = np.array([(e & (t == s)).sum() for s in times])
+    return times, np.cumsum(deaths / at_risk)
+
+def fit_baseline(fit: pd.DataFrame,  # training patients: `risk` (from models that did not train on them, unless `coef`), survival_months, event
+                 coef: float | None = None,  # None: fit the risk's coefficient (lifelines); a number: the risk is already a log hazard on this scale
                 ) -> dict | None:
-    """A Cox model of survival with the risk as its one covariate (lifelines), fitted on the training patients: the
-    risk's log hazard ratio `coef`, its training `mean`, Breslow's baseline cumulative hazard (`hazard_times`,
-    `cumhaz`), the training patients' Kaplan–Meier (`km_times`, `km`: the prediction without the image) and their
-    `eval_times`. Arrays only, so that `model.pt` can keep it. None when no Cox model can be fitted."""
+    """A Cox model of survival with the risk as its one covariate, on the training patients: the risk's log hazard
+    ratio `coef` (fitted by lifelines, or given for a model that is a Cox model itself and so has its own), its
+    training `mean`, Breslow's baseline cumulative hazard (`hazard_times`, `cumhaz`), the training patients'
+    Kaplan–Meier (`km_times`, `km`: the prediction without the image) and their `eval_times`. Arrays only, so that
+    `model.pt` can keep it. None when no Cox model can be fitted."""
     from lifelines import KaplanMeierFitter
     d = fit.dropna(subset=["risk", "survival_months", "event"])
-    cph = _cox(d, ["risk"]) if d.event.sum() >= 2 and d.risk.std() > 0 else None
-    if cph is None: return None
-    km, h = KaplanMeierFitter().fit(d.survival_months, d.event).survival_function_.iloc[:, 0], cph.baseline_cumulative_hazard_.iloc[:, 0]
-    return {"coef": float(cph.params_["risk"]), "mean": float(cph._norm_mean["risk"]),  # lifelines centres the covariate
-            "hazard_times": h.index.to_numpy(float), "cumhaz": h.to_numpy(float),
+    if d.event.sum() < 2 or not d.risk.std() > 0: return None
+    km = KaplanMeierFitter().fit(d.survival_months, d.event).survival_function_.iloc[:, 0]
+    if coef is None:
+        cph = _cox(d, ["risk"])
+        if cph is None: return None
+        coef, mean, h = float(cph.params_["risk"]), float(cph._norm_mean["risk"]), cph.baseline_cumulative_hazard_.iloc[:, 0]
+        ht, h0 = h.index.to_numpy(float), h.to_numpy(float)  # lifelines centres the covariate on its training mean
+    else:
+        mean = float(d.risk.mean())
+        ht, h0 = breslow(d.survival_months, d.event, coef * (d.risk - mean))
+    return {"coef": float(coef), "mean": mean, "hazard_times": ht, "cumhaz": h0,
             "km_times": km.index.to_numpy(float), "km": km.to_numpy(float),
             "eval_times": eval_times(d.survival_months, d.event)}
 
@@ -60,11 +78,12 @@ def apply_baseline(base: dict,  # a `fit_baseline`
 def risk_to_survival(fit: pd.DataFrame,  # training patients: `risk` from models that did not train on them, survival_months, event
                      risk,  # the patients to predict: risks on the same scale
                      times,  # where to give their survival
+                     coef: float | None = None,  # as `fit_baseline`'s
                     ) -> dict | None:
     """Each patient's survival curve from a risk score, through `fit_baseline` on the training patients:
     `apply_baseline`'s `surv`, `log_hazard` and `km`, with the risk's `coef` and the `baseline` itself; None when the
     Cox model cannot be fitted."""
-    base = fit_baseline(fit)
+    base = fit_baseline(fit, coef)
     return None if base is None else {**apply_baseline(base, risk, times), "coef": base["coef"], "baseline": base}
 
 

@@ -404,10 +404,11 @@ def fold_curves(fit_labels: pd.DataFrame,  # the fold's fit patients' labels (su
                 fit_risk: np.ndarray,  # their risks from models that did not train on them (in-sample for meanpool, stage_cox)
                 test_ids: list, test_risk: np.ndarray, times: np.ndarray, fold: int,
                 rows: list[dict],  # predictions.csv rows, the fold's test patients last: `log_hazard` is added to them
+                coef: float | None = None,  # 1.0 for a model that is a Cox model itself (its risk is its log hazard); None: fitted
                ) -> tuple[dict, dict | None]:
     """{patient: (predicted survival at `times`, the fit patients' Kaplan–Meier)} for a fold's test patients (NaN with
     a warning when no Cox model fits), and the `fit_baseline` that made them."""
-    c = risk_to_survival(fit_labels.assign(risk=fit_risk), test_risk, times)
+    c = risk_to_survival(fit_labels.assign(risk=fit_risk), test_risk, times, coef)
     if c is None:
         _log.warning(f"fold {fold}: no Cox model of survival on the training patients' risks fits; no survival curves for its patients")
         nan = np.full(len(times), np.nan)
@@ -540,7 +541,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         rows += pred_rows([bags.patients[i] for i in idx["test"]], pred_test, f, task, scale)
         if task == "survival" and len(times):  # survival curves: a Cox model on the fit patients' out-of-member risks
             cs, baseline = fold_curves(labels.iloc[r["idx"][:n_fit]], pred_fit if r["oob"] is None else r["oob"][:n_fit],
-                                       [bags.patients[i] for i in idx["test"]], pred_test, times, int(f), rows)
+                                       [bags.patients[i] for i in idx["test"]], pred_test, times, int(f), rows,
+                                       coef=1.0 if r["oob"] is None else None)  # a Cox baseline keeps its own coefficients
             curves.update(cs)
         if save:  # what the training patches look like, for this run and `predict` to name patients unlike them
             reference = feature_reference(bags, np.concatenate([idx["train"], idx["val"]]), seed=seed)

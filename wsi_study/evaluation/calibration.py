@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
 
-from ..core import get_logger
 from .metrics import PROB_COLS, _cox, bootstrap_many
 
 # %% auto #0
@@ -17,8 +16,6 @@ __all__ = ['eval_times', 'breslow', 'fit_baseline', 'apply_baseline', 'risk_to_s
            'survival_calibration', 'plot_survival_calibration', 'stage_calibration', 'plot_reliability']
 
 # %% ../../nbs/17a_calibration.ipynb #248e38a7
-_log = get_logger("wsi_study.evaluation")
-
 def eval_times(time,  # follow-up times of the patients scored
                event,  # 1 = death observed
                n: int = 15, lo: float = 10, hi: float = 80,  # `n` percentiles of the event times, from `lo` to `hi`

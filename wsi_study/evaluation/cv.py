@@ -540,9 +540,10 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         scale = (float(pred_fit.mean()), float(pred_fit.std()) or 1.0, float(np.median(pred_fit))) if task == "survival" else None
         rows += pred_rows([bags.patients[i] for i in idx["test"]], pred_test, f, task, scale)
         if task == "survival" and len(times):  # survival curves: a Cox model on the fit patients' out-of-member risks
-            cs, baseline = fold_curves(labels.iloc[r["idx"][:n_fit]], pred_fit if r["oob"] is None else r["oob"][:n_fit],
+            cox_itself = r["oob"] is None or bool(hp.get("stack"))  # its risk is a Cox model's log hazard: it keeps its coefficients
+            cs, baseline = fold_curves(labels.iloc[r["idx"][:n_fit]], pred_fit if cox_itself else r["oob"][:n_fit],
                                        [bags.patients[i] for i in idx["test"]], pred_test, times, int(f), rows,
-                                       coef=1.0 if r["oob"] is None else None)  # a Cox baseline keeps its own coefficients
+                                       coef=1.0 if cox_itself else None)
             curves.update(cs)
         if save:  # what the training patches look like, for this run and `predict` to name patients unlike them
             reference = feature_reference(bags, np.concatenate([idx["train"], idx["val"]]), seed=seed)
@@ -588,16 +589,16 @@ def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.D
         hr = "" if hr is None or not np.isfinite(hr[0]) else f"\nHR high/low {hr[0]:.2f} [{hr[1]:.2f}, {hr[2]:.2f}]"
         ax, _ = km_by_group(pred, "group", title=f"{model}: {scored} risk groups{hr}")
         save_figure(ax.figure, out, "km_risk_groups"); plt.close(ax.figure)
-    if task == "survival" and curves and pred.event.sum() >= 2:
-        surv, km = (np.array([curves[p][k] for p in pred.index]) for k in (0, 1))
-        if np.isfinite(surv).all(1).sum() >= 6:  # two patients in each third
-            fig = plot_survival_calibration(pred, surv, km, times, title=f"{model}: {scored} survival curves")
-            save_figure(fig, out, "survival_calibration"); plt.close(fig)
     elif task == "stage" and len(pred):
         ax = plot_confusion(pred.assign(pred_index=pred.pred.map(STAGES.index)), title=f"{model}: {scored} stage")
         save_figure(ax.figure, out, "confusion_matrix"); plt.close(ax.figure)
         ax = plot_reliability(pred, title=f"{model}: {scored} stage probabilities")
         save_figure(ax.figure, out, "stage_reliability"); plt.close(ax.figure)
+    if task == "survival" and curves and pred.event.sum() >= 2:
+        surv, km = (np.array([curves[p][k] for p in pred.index]) for k in (0, 1))
+        if np.isfinite(surv).all(1).sum() >= 6:  # two patients in each third
+            fig = plot_survival_calibration(pred, surv, km, times, title=f"{model}: {scored} survival curves")
+            save_figure(fig, out, "survival_calibration"); plt.close(fig)
     if len(history):
         history.to_csv(out / "history.csv", index=False)
         fig = _curves(history, f"{model} · {task}"); save_figure(fig, out, "training_curves"); plt.close(fig)

@@ -40,8 +40,8 @@ from .attention import attention_figure, localisation_auc, write_attention
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'model_params', 'other_task',
            'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold',
-           'stack_risk', 'kfold', 'member_splits', 'save_model', 'load_model', 'pred_rows', 'fold_curves', 'score',
-           'train_cv', 'write_synthetic_cohort', 'bench_mil']
+           'stack_risk', 'kfold', 'member_splits', 'save_model', 'load_model', 'pred_rows', 'fold_curves',
+           'patient_curves', 'score', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -259,7 +259,8 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         pred, coef = stack_risk(oob, pred, cov, len(fit_idx), bags.labels.iloc[fit_idx], hp["stack"], seed, names=names)
         _log.info(f"fold {fold}: stacked Cox, {hp.get('stack_on', 'shares')}' penalty {coef['penalty']}: " +
                   ", ".join(f"{k} {v:+.2f}" for k, v in coef.items() if k != "penalty"))
-    return {"idx": everyone, "pred": pred, "oob": oob, "attention": attention, "history": history, "stack": coef,
+    # `oob` None: the risk is a Cox model's log hazard (stacked, as mean-pool's and the stage-alone's), which keeps its coefficients
+    return {"idx": everyone, "pred": pred, "oob": None if hp.get("stack") else oob, "attention": attention, "history": history, "stack": coef,
             "best_epoch": float(np.mean(done)) if done else None, "seconds": time.perf_counter() - t0,
             **({"members": kept, "inputs": inputs.state(), "dim": inputs.dim} if keep else {})}
 
@@ -413,8 +414,15 @@ def fold_curves(fit_labels: pd.DataFrame,  # the fold's fit patients' labels (su
         _log.warning(f"fold {fold}: no Cox model of survival on the training patients' risks fits; no survival curves for its patients")
         nan = np.full(len(times), np.nan)
         return {p: (nan, nan) for p in test_ids}, None
-    for row, lh in zip(rows[-len(test_ids):], c["log_hazard"]): row["log_hazard"] = float(lh)
-    return {p: (s, c["km"]) for p, s in zip(test_ids, c["surv"])}, c["baseline"]
+    return patient_curves(c, test_ids, rows), c["baseline"]
+
+def patient_curves(c: dict,  # `apply_baseline`'s (or `risk_to_survival`'s) output for `ids`
+                   ids: list,
+                   rows: list[dict],  # predictions.csv rows, these patients last: `log_hazard` is added to them
+                  ) -> dict:
+    "{patient: (predicted survival, the training patients' Kaplan–Meier)}, as `score` and `_figures` take them."
+    for row, lh in zip(rows[-len(ids):], c["log_hazard"]): row["log_hazard"] = float(lh)
+    return {p: (s, c["km"]) for p, s in zip(ids, c["surv"])}
 
 def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: Path | None, n_boot: int, seed: int,
           fit_truth="folds",  # the truth-Cox reference: "folds" (on the other folds), a training cohort's truth folder, or None
@@ -422,7 +430,9 @@ def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: 
           times: np.ndarray | None = None,
          ) -> tuple[pd.DataFrame, dict]:
     """Join the labels to `pred` (index patient_id), write predictions.csv and score the patients that have the task's
-    labels: the task's metrics (for survival with the hazard ratios of `prognostic_value`) and, with ground truth in `tdir`, the oracle, the risk's components, the truth-Cox
+    labels: the task's metrics (for survival with the hazard ratios of `prognostic_value` and, given `curves`, the
+    time-dependent scores and calibration of `survival_calibration`, writing survival_curves.csv; for the stage with
+    `stage_calibration`) and, with ground truth in `tdir`, the oracle, the risk's components, the truth-Cox
     reference and the attention's localisation. Returns the joined predictions and the metrics."""
     if task == "survival":
         pred = pred.join(labels[["survival_months", "event"]])
@@ -531,7 +541,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         _log.info(f"model.pt is written for the neural models without stack and for meanpool only; {model} is not saved")
     rows, history, best_epochs, stacks, curves = [], [], [], [], {}
     scored = labels.loc[labels.index.isin(set(sp[sp.role == "test"].patient_id))] if task == "survival" else None
-    times = eval_times(scored.survival_months.dropna(), scored.event.dropna()) if task == "survival" else None
+    times = eval_times(scored.survival_months, scored.event) if task == "survival" else None
     for f in tqdm(sorted(sp.fold.unique()), desc=f"{model} · {task}", disable=not progress):
         idx = fold_indices(sp, bags.patients, f)
         r = fit_fold(bags, idx, model, task, seed + int(f), dev, progress, int(f), hp, cache, keep=save)
@@ -540,10 +550,9 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         scale = (float(pred_fit.mean()), float(pred_fit.std()) or 1.0, float(np.median(pred_fit))) if task == "survival" else None
         rows += pred_rows([bags.patients[i] for i in idx["test"]], pred_test, f, task, scale)
         if task == "survival" and len(times):  # survival curves: a Cox model on the fit patients' out-of-member risks
-            cox_itself = r["oob"] is None or bool(hp.get("stack"))  # its risk is a Cox model's log hazard: it keeps its coefficients
-            cs, baseline = fold_curves(labels.iloc[r["idx"][:n_fit]], pred_fit if cox_itself else r["oob"][:n_fit],
+            cs, baseline = fold_curves(labels.iloc[r["idx"][:n_fit]], pred_fit if r["oob"] is None else r["oob"][:n_fit],
                                        [bags.patients[i] for i in idx["test"]], pred_test, times, int(f), rows,
-                                       coef=1.0 if cox_itself else None)
+                                       coef=1.0 if r["oob"] is None else None)  # a Cox model's log hazard keeps its coefficients
             curves.update(cs)
         if save:  # what the training patches look like, for this run and `predict` to name patients unlike them
             reference = feature_reference(bags, np.concatenate([idx["train"], idx["val"]]), seed=seed)

@@ -19,7 +19,7 @@ from ..models.bags import Bags, check_alike, embedded_as, load_bags
 from ..models.baselines import MeanPoolBaseline, mean_embeddings
 from ..models.deepattnmisl import ClusterInputs
 from ..models.losses import task_predict
-from .cv import _figures, _truth_dir, _write_attention, load_model, make_net, pred_rows, predict, score
+from .cv import _figures, _truth_dir, _write_attention, load_model, make_net, patient_curves, pred_rows, predict, score
 from .shift import flag_shifted, shift_score
 from .calibration import apply_baseline, eval_times
 
@@ -77,9 +77,7 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
         lab = bags.labels.dropna(subset=["survival_months", "event"])
         times = eval_times(lab.survival_months, lab.event)
         times = times if len(times) >= 2 else base["eval_times"].numpy()
-        c = apply_baseline(base, pred, times)
-        for row, lh in zip(rows, c["log_hazard"]): row["log_hazard"] = float(lh)
-        curves = {p: (s, c["km"]) for p, s in zip(bags.patients, c["surv"])}
+        curves = patient_curves(apply_baseline(base, pred, times), bags.patients, rows)
     pred, metrics = score(out, pd.DataFrame(rows).set_index("patient_id"), bags.labels, task,
                           _truth_dir(manifest, truth), n_boot, seed, fit_truth=None, curves=curves, times=times)
     _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted", metrics.get("hr_high_low"), ref, curves, times)

@@ -19,8 +19,8 @@ from ..encoders import encoder_slug
 from .metrics import compare_runs
 
 # %% auto #0
-__all__ = ['HEADLINE', 'TRUTH_COX_LABEL', 'patch_spec', 'study_features', 'shared_splits', 'keep_splits', 'ModelInputs',
-           'model_inputs', 'compare_models', 'forest_plot']
+__all__ = ['HEADLINE', 'TRUTH_COX_LABEL', 'AXIS', 'patch_spec', 'study_features', 'shared_splits', 'keep_splits', 'ModelInputs',
+           'model_inputs', 'compare_models', 'as_headline', 'forest_plot']
 
 # %% ../../nbs/20_compare.ipynb #c0a1e006
 def patch_spec(target_mpp: float = 0.5, patch_size: int = 224, overlap: int = 0) -> str:
@@ -116,8 +116,18 @@ def compare_models(runs: dict,  # label -> train_cv output folder, all of one ta
                      "ci_low": oracle["oracle_cindex_ci_low"], "ci_high": oracle["oracle_cindex_ci_high"]})
     return pd.DataFrame(rows)
 
+def as_headline(table: pd.DataFrame,  # a `compare_models` table
+                metric: str,  # one of its interval columns, e.g. "ipa"
+               ) -> pd.DataFrame:
+    "The models that have `metric`, with it as their value and interval: a table `forest_plot` draws as one more panel."
+    t = table[table[metric].notna()]
+    return t.assign(metric=metric, value=t[metric], ci_low=t[f"{metric}_ci_low"], ci_high=t[f"{metric}_ci_high"])
+
+AXIS = {"cindex": ("C-index (95% CI)", 0.5), "auc_macro": ("macro one-vs-rest AUC (95% CI)", 0.5),
+        "ipa": ("IPA, curves against the Kaplan–Meier (95% CI)", 0.0)}  # label, the value of no skill
+
 def forest_plot(tables: list[pd.DataFrame], title: str = ""):
-    "One panel per task: each model's headline metric with its 95 % interval (the learned ceiling, if any, in grey; the oracle as a line)."
+    "One panel per table (a task's headline, or another metric by `as_headline`): each model's value with its 95 % interval (the learned ceiling, if any, in grey; the oracle as a line)."
     fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 0.45 * max(len(t) for t in tables) + 1.4),
                              squeeze=False)
     for ax, t in zip(axes[0], tables):
@@ -129,16 +139,16 @@ def forest_plot(tables: list[pd.DataFrame], title: str = ""):
             v, lo, hi = (models.loc[rows, c].to_numpy(float) for c in ("value", "ci_low", "ci_high"))
             ax.errorbar(v, y[rows], xerr=[v - lo, hi - v], fmt="o", color=dot, ecolor=bar, elinewidth=3, capsize=0)
         ax.set_yticks(y, models.model.replace({TRUTH_COX_LABEL: "ceiling: Cox on true stage + burden"}))
-        ref = 0.5
-        ax.axvline(ref, color="grey", lw=0.8, ls=":")
+        label, ref = AXIS.get(key, (key, None))
+        if ref is not None: ax.axvline(ref, color="grey", lw=0.8, ls=":")
         orc = t[t.model.str.startswith("oracle")]
         if len(orc):  # named above the axes, where it covers no model
             x = float(orc.value.iloc[0])
             ax.axvline(x, color="#c53030", lw=1, ls="--")
             ax.annotate("oracle", (x, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=7,
                         color="#c53030")
-        ax.set_xlabel({"cindex": "C-index (95% CI)", "auc_macro": "macro one-vs-rest AUC (95% CI)"}[key])
-        ax.set_title(t.task.iloc[0], fontsize=10)
+        ax.set_xlabel(label)
+        ax.set_title(t.task.iloc[0] if key == HEADLINE.get(t.task.iloc[0]) else f"{t.task.iloc[0]}: {key}", fontsize=10)
     if title: fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

@@ -603,7 +603,7 @@ def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.D
         save_figure(ax.figure, out, "confusion_matrix"); plt.close(ax.figure)
         ax = plot_reliability(pred, title=f"{model}: {scored} stage probabilities")
         save_figure(ax.figure, out, "stage_reliability"); plt.close(ax.figure)
-    if task == "survival" and curves and pred.event.sum() >= 2:
+    if task == "survival" and curves and len(times) >= 2 and pred.event.sum() >= 2:  # as `survival_calibration` needs
         surv, km = (np.array([curves[p][k] for p in pred.index]) for k in (0, 1))
         if np.isfinite(surv).all(1).sum() >= 6:  # two patients in each third
             fig = plot_survival_calibration(pred, surv, km, times, title=f"{model}: {scored} survival curves")

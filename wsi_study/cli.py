@@ -143,7 +143,7 @@ def cmd_compare_seeds(args) -> int:
     "Models cross-validated over the same split seeds: target counts per model and per-seed paired differences."
     from wsi_study.evaluation.tune import compare_repeats
     models, paired = compare_repeats(args.folders, reference=args.reference, targets=args.target, out_dir=args.out,
-                                     other_features=args.other_features)
+                                     other_features=args.other_features, metric=args.metric)
     plain, signed = (lambda v: f"{v:.3f}"), {c: "{:+.3f}".format for c in ("diff_mean", "diff_min", "diff_max")}
     print(models.to_string(index=False, float_format=plain))
     print(paired.loc[:, :"below"].to_string(index=False, float_format=plain, formatters=signed))
@@ -169,7 +169,7 @@ def cmd_check_default(args) -> int:
     from wsi_study.evaluation.tune import check_default
     table, v = check_default(args.pair, min_mean_diff=args.min_mean_diff, min_positive=args.min_positive,
                              max_localisation_drop=args.max_localisation_drop, out_dir=args.out,
-                             other_features=args.other_features)
+                             other_features=args.other_features, metric=args.metric)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"mean paired difference {v['mean_diff']:+.4f} over {v['cohorts']} cohorts, positive on {v['positive']} "
           f"(needs {v['min_positive']}); worst localisation change "
@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--out", required=True, help="folder for repeats_models.csv, repeats_paired.csv and figures/paired.png")
     cs.add_argument("--other-features", action="store_true",
                     help="the folders read other features of the same patients (another tiling or encoder)")
+    cs.add_argument("--metric", default=None, help="the metric summarised and paired, e.g. ipa (default: the headline, C-index or macro AUC)")
     cs.set_defaults(func=cmd_compare_seeds)
     ss = sub.add_parser("summarise-seeds", help="one model run with train --seeds on several cohorts: per cohort, "
                         "the metrics' means over its seeds and the seeds meeting each target (unpaired)")
@@ -363,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--out", required=True, help="folder for check.csv and check.json")
     ck.add_argument("--other-features", action="store_true",
                     help="the candidates read other features of the same patients (another tiling or encoder)")
+    ck.add_argument("--metric", default=None, help="the metric judged, e.g. ipa (default: the headline, C-index or macro AUC)")
     ck.set_defaults(func=cmd_check_default)
     b = sub.add_parser("bench", help="benchmarks: io, embed, tiling, mil (ratios against baselines, same run)")
     b.add_argument("names", nargs="+", choices=["io", "embed", "tiling", "mil"], metavar="{io,embed,tiling,mil}")

@@ -29,7 +29,8 @@ from ..models.bags import TRAIN_PREFIX, Bags, embedded_as, feature_moments, join
 from ..models.losses import cox_ph_loss, task_loss, task_predict
 from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
-from ..models.baselines import MeanPoolBaseline, cox_coefficients, mean_embeddings, stage_onehot
+from ..models.baselines import (MeanPoolBaseline, cox_coefficients, cv_partial_likelihood, inner_splits, kfold,
+                                        mean_embeddings, stage_onehot)
 from .splits import check_splits, external_splits, fold_indices, load_splits, make_splits, save_splits
 from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, prognostic_value, risk_components, truth_cox
 from .shift import feature_reference, flag_shifted, plot_shift, shift_score
@@ -40,8 +41,8 @@ from .attention import attention_figure, localisation_auc, write_attention
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'model_params', 'other_task',
            'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold',
-           'stack_risk', 'kfold', 'member_splits', 'save_model', 'load_model', 'pred_rows', 'fold_curves',
-           'patient_curves', 'score', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
+           'stack_risk', 'member_splits', 'save_model', 'load_model', 'pred_rows', 'fold_curves', 'patient_curves',
+           'score', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -76,10 +77,11 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
     if bad: raise WsiStudyError(f"unknown hyperparameters for {model}: {', '.join(bad)}; allowed: {', '.join(sorted(hp))}")
     ok = {"bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str),
           "number": lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool),
-          "number or bool": lambda x: isinstance(x, numbers.Real)}
+          "number or bool": lambda x: isinstance(x, numbers.Real),
+          "number or 'cv'": lambda x: x == "cv" or (isinstance(x, numbers.Real) and not isinstance(x, bool))}
     for k, v in overrides.items():  # a value of another kind than the default (aux_weight=abc) fails here, not in torch
         d = hp[k]
-        kind = {"stack": "number or bool", "aux_weight": "number", "max_patches": "number"}.get(k) or (
+        kind = {"stack": "number or bool", "aux_weight": "number", "max_patches": "number", "penalizer": "number or 'cv'"}.get(k) or (
             "bool" if isinstance(d, bool) else "number" if isinstance(d, numbers.Real) else "str" if isinstance(d, str) else None)
         if v is not None and kind is not None and not ok[kind](v):
             raise WsiStudyError(f"hyperparameter {k}={v!r}: {model}'s {k} is a {kind} (default {d!r})")
@@ -206,8 +208,9 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         if model == "stage_cox": X = stage_onehot(bags.labels)  # 4 columns: no PCA
         else: X = cache["mean"] if cache and "mean" in cache else mean_embeddings(bags)
         base = MeanPoolBaseline(task, **_kwargs(MeanPoolBaseline, hp), seed=seed).fit(X[fit_idx], bags.labels.iloc[fit_idx])
+        if task == "survival": _log.info(f"fold {fold}: {model} Cox penalty {base.penalty_}" + (" (inner cross-validation)" if hp["penalizer"] == "cv" else ""))
         return {"idx": everyone, "pred": base.predict(X[everyone]), "oob": None, "attention": [], "history": [],
-                "best_epoch": None, "seconds": time.perf_counter() - t0,
+                "best_epoch": None, "seconds": time.perf_counter() - t0, "penalty": getattr(base, "penalty_", None),
                 **({"baseline": base.state(), "members": [], "inputs": None, "dim": X.shape[1]} if keep else {})}
     rng, members = np.random.default_rng(seed), int(hp["members"])
     subs = [idx] if members <= 1 else member_splits(bags.labels, fit_idx, idx["test"], task, members, seed)
@@ -266,11 +269,6 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
 
 STACK_PENALTIES = (0.03, 0.1, 0.3, 1.0)  # the covariates' L2 penalties `stack=True` chooses from (or none of them)
 
-def _log_lik(lp, t, e) -> float:
-    "Breslow log partial likelihood of linear predictors `lp` (0 without events)."
-    nll = cox_ph_loss(torch.as_tensor(lp, dtype=torch.float64), torch.as_tensor(t), torch.as_tensor(e), reduction="sum")
-    return 0.0 if nll is None else -float(nll)
-
 def stack_risk(oob: np.ndarray,  # each patient's risk from a model that did not train on them (training patients first)
                ens: np.ndarray,  # the ensemble's risk of the same patients (used for the test patients)
                covariates: np.ndarray,  # (n, c): each cluster's share of the patient's patches, or its log-mass (n, 1)
@@ -299,23 +297,11 @@ def stack_risk(oob: np.ndarray,  # each patient's risk from a model that did not
     def pens(p): return [1e-3] if p is None else [1e-3] + [p] * len(keep)
     best = candidates[0]
     if len(candidates) > 1:
-        # too few events for every inner training part to hold some: the risk alone
-        splits = kfold(e.astype(int), inner, seed) if e.sum() >= inner and n_fit >= 2 * inner else []
-        def cvpl(p):
-            Z = cols(p)[:n_fit]
-            return sum(_log_lik(Z @ b, t, e) - _log_lik(Z[tr] @ b, t[tr], e[tr])
-                       for tr, _ in splits for b in [cox_coefficients(Z[tr], t[tr], e[tr], pens(p))])
-        if splits: best = max(candidates, key=cvpl)
+        splits = inner_splits(e, inner, seed)  # none (too few events to hold some out): the risk alone
+        if splits: best = max(candidates, key=lambda p: cv_partial_likelihood(cols(p)[:n_fit], t, e, pens(p), splits))
     coef = cox_coefficients(cols(best)[:n_fit], t, e, pens(best))
     names = ["risk"] + ([] if best is None else [names[j] for j in keep])
     return cols(best) @ coef, {"penalty": best, **dict(zip(names, coef.round(4).tolist()))}
-
-def kfold(y: np.ndarray, n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    "(train, held-out) positions of `n` shuffled folds, stratified by the integer labels `y` when every label present has `n` members."
-    from sklearn.model_selection import KFold, StratifiedKFold
-    cnt = np.bincount(y)
-    kf = StratifiedKFold(n, shuffle=True, random_state=seed) if cnt[cnt > 0].min() >= n else KFold(n, shuffle=True, random_state=seed)
-    return list(kf.split(np.zeros(len(y)), y))
 
 def member_splits(labels: pd.DataFrame, fit_idx, test_idx, task: str, members: int, seed: int = 0) -> list[dict]:
     "Train/val roles for an ensemble: the fold's training patients in `members` stratified parts, each once the validation set."
@@ -539,7 +525,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     save = test_manifest is not None and model in (*NETS, "meanpool") and not hp.get("stack")  # the final model: written to model.pt
     if test_manifest is not None and not save:
         _log.info(f"model.pt is written for the neural models without stack and for meanpool only; {model} is not saved")
-    rows, history, best_epochs, stacks, curves = [], [], [], [], {}
+    rows, history, best_epochs, stacks, penalties, curves = [], [], [], [], [], {}
     scored = labels.loc[labels.index.isin(set(sp[sp.role == "test"].patient_id))] if task == "survival" else None
     times = eval_times(scored.survival_months, scored.event) if task == "survival" else None
     for f in tqdm(sorted(sp.fold.unique()), desc=f"{model} · {task}", disable=not progress):
@@ -561,6 +547,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         if r["attention"]: _write_attention(out, bags, idx["test"], r["attention"], f, model)
         history += r["history"]; best_epochs.append(r["best_epoch"])
         if r.get("stack"): stacks.append({"fold": int(f), **r["stack"]})
+        if r.get("penalty") is not None: penalties.append({"fold": int(f), "penalty": float(r["penalty"])})
     pred = pd.DataFrame(rows).set_index("patient_id").loc[[p for p in bags.patients if p in set(sp[sp.role == "test"].patient_id)]]
     tdir = _truth_dir(manifest if test_manifest is None else test_manifest, truth)
     pred, metrics = score(out, pred, labels, task, tdir, n_boot, seed,
@@ -576,6 +563,9 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
                                       "train_patients": n_fit, "reference": reference, "baseline": r.get("baseline"),
                                       "survival": _tensors(baseline) if task == "survival" and len(times) else None})
     if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
+    if penalties:  # the Cox penalty of mean-pool and the stage-alone model, per fold (chosen there with penalizer="cv")
+        pd.DataFrame(penalties).to_csv(out / "penalty.csv", index=False)
+        metrics["cox_penalty_median"] = float(np.median([p["penalty"] for p in penalties]))
     done = [b for b in best_epochs if b is not None]
     metrics.update(folds=int(sp.fold.nunique()), seed=seed, best_epoch_mean=float(np.mean(done)) if done else None)
     if test_manifest is not None: metrics["train_patients"] = int((sp.role != "test").sum())

@@ -296,6 +296,7 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
                     other_features: bool = False,  # pair runs on other features of the same patients (another tiling
                                                    # or encoder): each seed's labels and oracle C must then agree
                                                    # instead of the whole data fingerprint
+                    metric: str | None = None,  # the metric summarised and paired (default: the task's headline)
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Per model: the headline metric over the split seeds and the seeds meeting each target; per other model: its per-seed difference from `reference`."
     folders = _named(folders, lambda f: f.name)  # by folder; two folders of one name (other cohorts, say) by their paths
@@ -307,6 +308,12 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     runs, roots = {n: r[0] for n, r in read.items()}, {n: r[1] for n, r in read.items()}
     _known_metrics([m for m, _, _ in targets], runs, "target metric")
     key = _one_headline(folders, runs, reference)
+    if metric is not None:
+        _known_metrics([metric], runs, "metric")
+        if missing := [n for n, r in runs.items() if metric not in r or r[metric].isna().all()]:
+            raise WsiStudyError(f"metric {metric!r} has no values in {', '.join(str(folders[n]) for n in missing)} "
+                                "(another task?): pair a metric every folder has")
+        key = metric
     for name, r in runs.items():
         if not other_features and r.data.iloc[0] != runs[reference].data.iloc[0]:
             raise WsiStudyError(f"{folders[name]} and {folders[reference]} were run on other data (features, labels or ground "
@@ -378,6 +385,7 @@ def check_default(pairs,  # (baseline folder, candidate folder) per development 
                   max_localisation_drop: float | None = 0.01,
                   out_dir=None,  # write check.csv and check.json here
                   other_features: bool = False,  # the candidate reads other features of the same patients (`compare_repeats`)
+                  metric: str | None = None,  # the metric judged (default: the task's headline, the C-index for survival)
                  ) -> tuple[pd.DataFrame, dict]:
     "Pair a candidate with the default seed by seed on each development cohort and apply `rule_verdict`."
     pairs = [(Path(b), Path(c)) for b, c in pairs]
@@ -385,9 +393,9 @@ def check_default(pairs,  # (baseline folder, candidate folder) per development 
     rows, loc = [], ("localisation_auc",) if max_localisation_drop is not None else ()
     for base, cand in pairs:
         models, paired = compare_repeats({"baseline": base, "candidate": cand}, reference="baseline", means=loc,
-                                         other_features=other_features)
+                                         other_features=other_features, metric=metric)
         p, m = paired.iloc[0], models.set_index("model")
-        key = next(k for k in HEADLINE.values() if f"{k}_mean" in m)
+        key = metric or next(k for k in HEADLINE.values() if f"{k}_mean" in m)
         row = {"cohort": _cohort_name(base), "seeds": int(p.seeds), f"{key}_baseline": m.loc["baseline", f"{key}_mean"],
                f"{key}_candidate": m.loc["candidate", f"{key}_mean"], "diff_mean": p.diff_mean, "above": int(p.above),
                "below": int(p.below)}

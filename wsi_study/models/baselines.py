@@ -13,10 +13,11 @@ import torch
 
 from ..core import WsiStudyError
 from .bags import Bags
-from .losses import N_STAGES
+from .losses import N_STAGES, cox_ph_loss
 
 # %% auto #0
-__all__ = ['mean_embeddings', 'cox_coefficients', 'MeanPoolBaseline', 'stage_onehot']
+__all__ = ['COX_PENALTIES', 'mean_embeddings', 'cox_coefficients', 'kfold', 'inner_splits', 'cox_log_lik',
+           'cv_partial_likelihood', 'MeanPoolBaseline', 'stage_onehot']
 
 # %% ../../nbs/15_baselines.ipynb #b62feb44
 def mean_embeddings(bags: Bags) -> np.ndarray:
@@ -41,11 +42,40 @@ def cox_coefficients(X: np.ndarray,  # (n, p) covariates
         coef[live] = CoxPHFitter(penalizer=pen if len(set(pen)) > 1 else float(pen[0])).fit(df, "T", "E").params_.to_numpy()
     return coef
 
+COX_PENALTIES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)  # what penalizer="cv" chooses from (half decades)
+
+def kfold(y: np.ndarray, n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    "(train, held-out) positions of `n` shuffled folds, stratified by the integer labels `y` when every label present has `n` members."
+    from sklearn.model_selection import KFold, StratifiedKFold
+    cnt = np.bincount(y)
+    kf = StratifiedKFold(n, shuffle=True, random_state=seed) if cnt[cnt > 0].min() >= n else KFold(n, shuffle=True, random_state=seed)
+    return list(kf.split(np.zeros(len(y)), y))
+
+def inner_splits(event, n: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    "`n` folds of the patients stratified by event, or none when there are too few (fewer than `n` events or 2`n` patients)."
+    e = np.asarray(event).astype(int)
+    return kfold(e, n, seed) if e.sum() >= n and len(e) >= 2 * n else []
+
+def cox_log_lik(lp, time, event) -> float:
+    "Breslow log partial likelihood of linear predictors `lp` (0 without events)."
+    nll = cox_ph_loss(torch.as_tensor(np.asarray(lp, np.float64)), torch.as_tensor(np.asarray(time, np.float64)),
+                      torch.as_tensor(np.asarray(event, np.float64)), reduction="sum")
+    return 0.0 if nll is None else -float(nll)
+
+def cv_partial_likelihood(X: np.ndarray, time, event,  # (n, p) covariates, follow-up and 1 = death observed
+                          penalizer,  # `cox_coefficients`' penalty
+                          splits,  # (train, held-out) positions, e.g. `inner_splits(event)`
+                         ) -> float:
+    "Σ over the splits of ℓ(β₋ₖ) − ℓ₋ₖ(β₋ₖ): β₋ₖ fitted without part k, ℓ over everyone, ℓ₋ₖ over the others (higher is better)."
+    t, e = np.asarray(time, float), np.asarray(event, float)
+    return sum(cox_log_lik(X @ b, t, e) - cox_log_lik(X[tr] @ b, t[tr], e[tr])
+               for tr, _ in splits for b in [cox_coefficients(X[tr], t[tr], e[tr], penalizer)])
+
 class MeanPoolBaseline:
     "Mean-pooled embeddings → scaler → PCA → CoxPH (survival) or logistic regression (stage)."
     def __init__(self, task: str = "survival",
                  pca: int = 32,  # principal components kept when D is larger (32: chosen on demo_dev, see 19_cv)
-                 penalizer: float = 0.1,  # CoxPHFitter's L2 penalizer
+                 penalizer: float | str = 0.1,  # CoxPHFitter's L2 penalizer, or "cv": chosen from COX_PENALTIES on the training patients
                  C: float = 1.0,  # LogisticRegression's inverse regularisation
                  seed: int = 0):
         self.task, self.pca, self.penalizer, self.C, self.seed = task, pca, penalizer, C, seed
@@ -65,7 +95,15 @@ class MeanPoolBaseline:
         self.proj = PCA(n_comp, random_state=self.seed).fit(Z) if X.shape[1] > self.pca else None
         Z = self._transform(X)
         if self.task == "survival":
-            self.coef_ = cox_coefficients(Z, labels.survival_months.to_numpy(), labels.event.to_numpy(), self.penalizer)
+            t, e = labels.survival_months.to_numpy(float), labels.event.to_numpy(float)
+            self.penalty_ = self.penalizer
+            if self.penalizer == "cv":
+                splits = inner_splits(e, 5, self.seed)
+                if not splits: warnings.warn(f"{int(e.sum())} events in {len(e)} patients: too few to choose the Cox penalty "
+                                             f"by inner cross-validation; using {COX_PENALTIES[0]}")
+                self.penalty_ = (max(COX_PENALTIES, key=lambda p: cv_partial_likelihood(Z, t, e, p, splits))
+                                 if splits else COX_PENALTIES[0])
+            self.coef_ = cox_coefficients(Z, t, e, self.penalty_)
         else:
             from sklearn.linear_model import LogisticRegression
             self.model = LogisticRegression(C=self.C, max_iter=2000).fit(Z, labels.stage_index.to_numpy())

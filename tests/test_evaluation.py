@@ -372,9 +372,16 @@ def test_cli_train_seeds_is_repeated_cross_validation(cohort, tmp_path):
     assert ("PASS" if verdict["pass"] else "FAIL") in r.stdout
     r2 = subprocess.run(chk + ["--max-localisation-drop", "none", "--other-features"], capture_output=True, text=True)
     assert r2.returncode == r.returncode and json.loads((tmp_path / "chk" / "check.json").read_text()) == verdict, r2.stderr
-    for bad, says in (([], "no attention localisation"), (["--max-localisation-drop", "lots"], "give a number")):
+    for bad, says in (([], "no attention localisation"), (["--max-localisation-drop", "lots"], "give a number"),
+                      (["--max-localisation-drop", "none", "--metric", "auc_macro"], "'auc_macro' is in none")):
         r = subprocess.run(chk + bad, capture_output=True, text=True)
         assert r.returncode == 2 and says in r.stderr, r.stderr
+    # --metric: the rule judged on another metric (the survival curves' IPA), paired the same way
+    r = subprocess.run(chk + ["--max-localisation-drop", "none", "--metric", "ipa", "--min-mean-diff", "-1", "--min-positive", "0"],
+                       capture_output=True, text=True)
+    ipa = {n: pd.read_csv(tmp_path / n / "sweep.csv").set_index("seed").ipa.loc[[0, 1, 2]] for n in ("rep", "stage")}
+    assert r.returncode == 0 and np.isclose(pd.read_csv(tmp_path / "chk" / "check.csv").diff_mean[0],
+                                            (ipa["rep"] - ipa["stage"]).mean()), r.stderr
     # summarise-seeds: one row per folder, unpaired; the means and counts are those of each folder's own seeds
     summ = [CLI, "-q", "summarise-seeds", str(tmp_path / "rep"), str(tmp_path / "stage"), "--out", str(tmp_path / "sum")]
     r = subprocess.run(summ + ["--target", "oracle_gap<=0.05"], capture_output=True, text=True)

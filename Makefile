@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test export clean-results bench gpu-check tune repeats external twins check tiling-check baseline-check draws cohorts lock
+.PHONY: install study demo test export clean-results bench gpu-check tune repeats external twins check tiling-check baseline-check curves-check draws cohorts lock
 
 install: $(STAMP)
 
@@ -144,6 +144,23 @@ baseline-check: install  ## mean-pool Cox's penalty by inner cross-validation ag
 		--out results/check/meanpool_cv_ipa
 	-$(BIN)/wsi-study check-default $(MEANPOOL_PAIRS) --min-mean-diff -0.005 --min-positive 0 --max-localisation-drop none \
 		--out results/check/meanpool_cv_cindex
+
+# the Cox baselines' survival curves from held-out risks (inner_curves=true) against the default, mean-pool and the
+# stage-alone Cox model each judged by the rule written down in nbs/19_cv.ipynb before it ran: IPA up over the twins
+# and on two of three (their C-indices are untouched)
+CURVES_TWIN = wsi-study tune data/$(1)/manifest.csv --features results/$(1)/features/2mpp_224px_0px/efficientnet_lite0 \
+	--model $(2) --grid inner_curves=$(3) --seeds $(SEEDS) --out results/$(1)/tune/$(2)_inner_curves_$(3)
+CURVES_PAIRS = $(foreach c,$(TWINS),--pair results/$(c)/tune/$(1)_inner_curves_false results/$(c)/tune/$(1)_inner_curves_true)
+curves-check: install  ## mean-pool's and the stage-alone Cox model's curves from inner-fold risks against the default on the twins, split seeds 0-9, then the rule (~10 min with the twins' features built)
+	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
+	for m in meanpool stage_cox; do for c in $(TWINS); do \
+		$(BIN)/$(call CURVES_TWIN,$$c,$${m},false) || exit $$?; \
+		$(BIN)/$(call CURVES_TWIN,$$c,$${m},true) || exit $$?; \
+	done; done
+	-$(BIN)/wsi-study check-default $(call CURVES_PAIRS,meanpool) --metric ipa --min-positive 2 --max-localisation-drop none \
+		--out results/check/meanpool_inner_curves
+	-$(BIN)/wsi-study check-default $(call CURVES_PAIRS,stage_cox) --metric ipa --min-positive 2 --max-localisation-drop none \
+		--out results/check/stage_cox_inner_curves
 
 # tiling-check: the candidate runs as a one-setting tune of the default's own value (mass=true), i.e. DeepAttnMISL's
 # defaults on the other features, in the layout check-default reads

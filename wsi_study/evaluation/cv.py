@@ -40,9 +40,9 @@ from .attention import attention_figure, localisation_auc, write_attention
 
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'model_params', 'other_task',
-           'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'fit_fold',
-           'stack_risk', 'member_splits', 'save_model', 'load_model', 'pred_rows', 'fold_curves', 'patient_curves',
-           'score', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
+           'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'inner_risks',
+           'fit_fold', 'stack_risk', 'member_splits', 'save_model', 'load_model', 'pred_rows', 'fold_curves',
+           'patient_curves', 'score', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -60,8 +60,8 @@ MODEL_DEFAULTS = {
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
     "maxpool": dict(hidden=128, dropout=0.25, max_patches=None),
-    "meanpool": dict(pca=32, penalizer=0.1, C=1.0),
-    "stage_cox": dict(penalizer=0.1),  # survival from the true stage alone: the clinical reference (no image)
+    "meanpool": dict(pca=32, penalizer=0.1, C=1.0, inner_curves=False),
+    "stage_cox": dict(penalizer=0.1, inner_curves=False),  # survival from the true stage alone: the clinical reference (no image)
 }
 NETS = {"deepattnmisl": DeepAttnMISL, "abmil": ABMIL, "clam_sb": CLAMSB, "maxpool": MaxPoolMIL}
 MODELS = tuple(MODEL_DEFAULTS)
@@ -195,6 +195,19 @@ def predict(net, inputs, idx, task: str, hp: dict, attention: bool = False) -> t
             atts += inputs.patch_attention(o.get("relevance", o["attention"]), b, hp.get("patch_attention", "cluster"), net)
     return {k: torch.cat(v) for k, v in outs.items()}, atts
 
+def inner_risks(make,  # () -> an unfitted `MeanPoolBaseline`
+                X: np.ndarray, labels: pd.DataFrame,  # the fold's fit patients' inputs and labels
+                n_all: int,  # the length of the returned array: the fit patients first, then the test patients (NaN)
+                seed: int = 0, inner: int = 5) -> np.ndarray | None:
+    """Each fit patient's risk from the same model fitted on the other `inner` folds of the fit patients (event-
+    stratified, `inner_splits`): the held-out risks on which `inner_curves=True` fits the curves' Cox model, as an
+    ensemble's member that did not train on a patient gives its. None when there are too few events to split."""
+    splits = inner_splits(labels.event.to_numpy(), inner, seed)
+    if not splits: return None
+    out = np.full(n_all, np.nan)
+    for tr, va in splits: out[va] = make().fit(X[tr], labels.iloc[tr]).predict(X[va])
+    return out
+
 def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, test
              model: str = "deepattnmisl", task: str = "survival", seed: int = 0, device="cpu",
              progress: bool = False, fold: int = 0, hp: dict | None = None, cache: dict | None = None,
@@ -207,9 +220,11 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
     if model in ("meanpool", "stage_cox"):
         if model == "stage_cox": X = stage_onehot(bags.labels)  # 4 columns: no PCA
         else: X = cache["mean"] if cache and "mean" in cache else mean_embeddings(bags)
-        base = MeanPoolBaseline(task, **_kwargs(MeanPoolBaseline, hp), seed=seed).fit(X[fit_idx], bags.labels.iloc[fit_idx])
+        make = lambda: MeanPoolBaseline(task, **_kwargs(MeanPoolBaseline, hp), seed=seed)
+        base = make().fit(X[fit_idx], bags.labels.iloc[fit_idx])
         if task == "survival": _log.info(f"fold {fold}: {model} Cox penalty {base.penalty_}" + (" (inner cross-validation)" if hp["penalizer"] == "cv" else ""))
-        return {"idx": everyone, "pred": base.predict(X[everyone]), "oob": None, "attention": [], "history": [],
+        oob = inner_risks(make, X[fit_idx], bags.labels.iloc[fit_idx], len(everyone), seed) if task == "survival" and hp["inner_curves"] else None
+        return {"idx": everyone, "pred": base.predict(X[everyone]), "oob": oob, "attention": [], "history": [],
                 "best_epoch": None, "seconds": time.perf_counter() - t0, "penalty": getattr(base, "penalty_", None),
                 **({"baseline": base.state(), "members": [], "inputs": None, "dim": X.shape[1]} if keep else {})}
     rng, members = np.random.default_rng(seed), int(hp["members"])
@@ -388,7 +403,7 @@ def pred_rows(ids, values, fold, task: str,
             for pid, p in zip(ids, values)]
 
 def fold_curves(fit_labels: pd.DataFrame,  # the fold's fit patients' labels (survival_months, event)
-                fit_risk: np.ndarray,  # their risks from models that did not train on them (in-sample for meanpool, stage_cox)
+                fit_risk: np.ndarray,  # their risks from models that did not train on them (meanpool, stage_cox: in-sample unless inner_curves)
                 test_ids: list, test_risk: np.ndarray, times: np.ndarray, fold: int,
                 rows: list[dict],  # predictions.csv rows, the fold's test patients last: `log_hazard` is added to them
                 coef: float | None = None,  # 1.0 for a model that is a Cox model itself (its risk is its log hazard); None: fitted

@@ -60,7 +60,7 @@ MODEL_DEFAULTS = {
     "clam_sb": dict(hidden=128, attn_hidden=64, dropout=0.25, k_sample=8, inst_loss="svm", bag_weight=0.7,
                     max_patches=None),
     "maxpool": dict(hidden=128, dropout=0.25, max_patches=None),
-    "meanpool": dict(pca=32, penalizer=0.1, C=1.0, inner_curves=False),
+    "meanpool": dict(pca=32, penalizer=0.1, C=1.0, inner_curves=True),  # inner_curves: passed its rule (below)
     "stage_cox": dict(penalizer=0.1, inner_curves=False),  # survival from the true stage alone: the clinical reference (no image)
 }
 NETS = {"deepattnmisl": DeepAttnMISL, "abmil": ABMIL, "clam_sb": CLAMSB, "maxpool": MaxPoolMIL}

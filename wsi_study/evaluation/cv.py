@@ -540,7 +540,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     save = test_manifest is not None and model in (*NETS, "meanpool") and not hp.get("stack")  # the final model: written to model.pt
     if test_manifest is not None and not save:
         _log.info(f"model.pt is written for the neural models without stack and for meanpool only; {model} is not saved")
-    rows, history, best_epochs, stacks, penalties, curves = [], [], [], [], [], {}
+    rows, history, best_epochs, stacks, penalties, curve_cox, curves = [], [], [], [], [], [], {}
     scored = labels.loc[labels.index.isin(set(sp[sp.role == "test"].patient_id))] if task == "survival" else None
     times = eval_times(scored.survival_months, scored.event) if task == "survival" else None
     for f in tqdm(sorted(sp.fold.unique()), desc=f"{model} · {task}", disable=not progress):
@@ -555,6 +555,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
                                        [bags.patients[i] for i in idx["test"]], pred_test, times, int(f), rows,
                                        coef=1.0 if r["oob"] is None else None)  # a Cox model's log hazard keeps its coefficients
             curves.update(cs)
+            if baseline is not None:
+                curve_cox.append({"fold": int(f), "coef": baseline["coef"], "fitted_on": "own" if r["oob"] is None else "held-out"})
         if save:  # what the training patches look like, for this run and `predict` to name patients unlike them
             reference = feature_reference(bags, np.concatenate([idx["train"], idx["val"]]), seed=seed)
             shifts = shift_score(bags, reference, idx["test"])
@@ -578,6 +580,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
                                       "train_patients": n_fit, "reference": reference, "baseline": r.get("baseline"),
                                       "survival": _tensors(baseline) if task == "survival" and len(times) else None})
     if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
+    if curve_cox:  # per fold, the coefficient that turned the risk into curves: fitted on held-out risks, or the model's own (1)
+        pd.DataFrame(curve_cox).to_csv(out / "curve_cox.csv", index=False)
     if penalties:  # the Cox penalty of mean-pool and the stage-alone model, per fold (chosen there with penalizer="cv")
         pd.DataFrame(penalties).to_csv(out / "penalty.csv", index=False)
         metrics["cox_penalty_median"] = float(np.median([p["penalty"] for p in penalties]))

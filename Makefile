@@ -134,7 +134,7 @@ check: install  ## after make twins: a candidate default (CHECK_NAME=..., CHECK_
 MEANPOOL_TWIN = wsi-study tune data/$(1)/manifest.csv --features results/$(1)/features/2mpp_224px_0px/efficientnet_lite0 \
 	--model meanpool --grid penalizer=$(2) --seeds $(SEEDS) --out results/$(1)/tune/meanpool_penalizer_$(2)
 MEANPOOL_PAIRS = $(foreach c,$(TWINS),--pair results/$(c)/tune/meanpool_penalizer_0.1 results/$(c)/tune/meanpool_penalizer_cv)
-baseline-check: install  ## mean-pool Cox's penalty by inner cross-validation against the fixed 0.1 on the twins, split seeds 0-9, then the rule (~10 min with the twins' features built; building adds ~12)
+baseline-check: install  ## mean-pool's Cox penalty (against the fixed 0.1) and its stage model's C (against 1) by inner cross-validation on the twins, split seeds 0-9, then the rules (~15 min with the twins' features built; building adds ~12)
 	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
 	for c in $(TWINS); do \
 		$(BIN)/$(call MEANPOOL_TWIN,$$c,0.1) || exit $$?; \
@@ -144,6 +144,12 @@ baseline-check: install  ## mean-pool Cox's penalty by inner cross-validation ag
 		--out results/check/meanpool_cv_ipa
 	-$(BIN)/wsi-study check-default $(MEANPOOL_PAIRS) --min-mean-diff -0.005 --min-positive 0 --max-localisation-drop none \
 		--out results/check/meanpool_cv_cindex
+	for c in $(TWINS); do for v in 1.0 cv; do \
+		$(BIN)/wsi-study tune data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \
+			--model meanpool --task stage --grid C=$$v --seeds $(SEEDS) --out results/$$c/tune/meanpool_stage_C_$$v || exit $$?; \
+	done; done
+	-$(BIN)/wsi-study check-default $(foreach c,$(TWINS),--pair results/$(c)/tune/meanpool_stage_C_1.0 results/$(c)/tune/meanpool_stage_C_cv) \
+		--min-positive 2 --max-localisation-drop none --out results/check/meanpool_stage_c
 
 # the Cox baselines' survival curves from held-out risks (inner_curves=true) against the default, mean-pool and the
 # stage-alone Cox model each judged by the rule written down in nbs/19_cv.ipynb before it ran: IPA up over the twins

@@ -81,7 +81,8 @@ def model_params(model: str, task: str = "survival", **overrides) -> dict:
           "number or 'cv'": lambda x: x == "cv" or (isinstance(x, numbers.Real) and not isinstance(x, bool))}
     for k, v in overrides.items():  # a value of another kind than the default (aux_weight=abc) fails here, not in torch
         d = hp[k]
-        kind = {"stack": "number or bool", "aux_weight": "number", "max_patches": "number", "penalizer": "number or 'cv'"}.get(k) or (
+        kind = {"stack": "number or bool", "aux_weight": "number", "max_patches": "number", "penalizer": "number or 'cv'",
+                "C": "number or 'cv'"}.get(k) or (
             "bool" if isinstance(d, bool) else "number" if isinstance(d, numbers.Real) else "str" if isinstance(d, str) else None)
         if v is not None and kind is not None and not ok[kind](v):
             raise WsiStudyError(f"hyperparameter {k}={v!r}: {model}'s {k} is a {kind} (default {d!r})")
@@ -222,10 +223,11 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         else: X = cache["mean"] if cache and "mean" in cache else mean_embeddings(bags)
         make = lambda: MeanPoolBaseline(task, **_kwargs(MeanPoolBaseline, hp), seed=seed)
         base = make().fit(X[fit_idx], bags.labels.iloc[fit_idx])
-        if task == "survival": _log.info(f"fold {fold}: {model} Cox penalty {base.penalty_}" + (" (inner cross-validation)" if hp["penalizer"] == "cv" else ""))
+        name, value, asked = ("penalty", base.penalty_, hp["penalizer"]) if task == "survival" else ("C", base.C_, hp["C"])
+        _log.info(f"fold {fold}: {model} {name} {value}" + (" (inner cross-validation)" if asked == "cv" else ""))
         oob = inner_risks(make, X[fit_idx], bags.labels.iloc[fit_idx], len(everyone), seed) if task == "survival" and hp["inner_curves"] else None
         return {"idx": everyone, "pred": base.predict(X[everyone]), "oob": oob, "attention": [], "history": [],
-                "best_epoch": None, "seconds": time.perf_counter() - t0, "penalty": getattr(base, "penalty_", None),
+                "best_epoch": None, "seconds": time.perf_counter() - t0, "penalty": {name: float(value)},
                 **({"baseline": base.state(), "members": [], "inputs": None, "dim": X.shape[1]} if keep else {})}
     rng, members = np.random.default_rng(seed), int(hp["members"])
     subs = [idx] if members <= 1 else member_splits(bags.labels, fit_idx, idx["test"], task, members, seed)
@@ -564,7 +566,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         if r["attention"]: _write_attention(out, bags, idx["test"], r["attention"], f, model)
         history += r["history"]; best_epochs.append(r["best_epoch"])
         if r.get("stack"): stacks.append({"fold": int(f), **r["stack"]})
-        if r.get("penalty") is not None: penalties.append({"fold": int(f), "penalty": float(r["penalty"])})
+        if r.get("penalty"): penalties.append({"fold": int(f), **r["penalty"]})
     pred = pd.DataFrame(rows).set_index("patient_id").loc[[p for p in bags.patients if p in set(sp[sp.role == "test"].patient_id)]]
     tdir = _truth_dir(manifest if test_manifest is None else test_manifest, truth)
     pred, metrics = score(out, pred, labels, task, tdir, n_boot, seed,
@@ -582,9 +584,10 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
     if curve_cox:  # per fold, the coefficient that turned the risk into curves: fitted on held-out risks, or the model's own (1)
         pd.DataFrame(curve_cox).to_csv(out / "curve_cox.csv", index=False)
-    if penalties:  # the Cox penalty of mean-pool and the stage-alone model, per fold (chosen there with penalizer="cv")
+    if penalties:  # mean-pool's and the stage-alone model's Cox penalty or logistic C per fold (chosen there with "cv")
         pd.DataFrame(penalties).to_csv(out / "penalty.csv", index=False)
-        metrics["cox_penalty_median"] = float(np.median([p["penalty"] for p in penalties]))
+        name = next(iter(penalties[0].keys() - {"fold"}))
+        metrics["cox_penalty_median" if name == "penalty" else "logistic_c_median"] = float(np.median([p[name] for p in penalties]))
     done = [b for b in best_epochs if b is not None]
     metrics.update(folds=int(sp.fold.nunique()), seed=seed, best_epoch_mean=float(np.mean(done)) if done else None)
     if test_manifest is not None: metrics["train_patients"] = int((sp.role != "test").sum())

@@ -16,8 +16,8 @@ from .bags import Bags
 from .losses import N_STAGES, cox_ph_loss
 
 # %% auto #0
-__all__ = ['COX_PENALTIES', 'mean_embeddings', 'cox_coefficients', 'kfold', 'inner_splits', 'cox_log_lik',
-           'cv_partial_likelihood', 'MeanPoolBaseline', 'stage_onehot']
+__all__ = ['COX_PENALTIES', 'LOGISTIC_CS', 'mean_embeddings', 'cox_coefficients', 'kfold', 'inner_splits', 'cox_log_lik',
+           'cv_partial_likelihood', 'cv_log_likelihood', 'MeanPoolBaseline', 'stage_onehot']
 
 # %% ../../nbs/15_baselines.ipynb #b62feb44
 def mean_embeddings(bags: Bags) -> np.ndarray:
@@ -71,12 +71,26 @@ def cv_partial_likelihood(X: np.ndarray, time, event,  # (n, p) covariates, foll
     return sum(cox_log_lik(X @ b, t, e) - cox_log_lik(X[tr] @ b, t[tr], e[tr])
                for tr, _ in splits for b in [cox_coefficients(X[tr], t[tr], e[tr], penalizer)])
 
+LOGISTIC_CS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # what C="cv" chooses from (half decades)
+
+def cv_log_likelihood(X: np.ndarray, y: np.ndarray,  # (n, p) covariates and integer classes
+                      C: float, splits) -> float:
+    "Σ over the splits of the held-out patients' log-probability of their class, from a logistic regression fitted without them."
+    from sklearn.linear_model import LogisticRegression
+    total = 0.0
+    for tr, va in splits:
+        m = LogisticRegression(C=C, max_iter=2000).fit(X[tr], y[tr])
+        p = np.full((len(va), int(y.max()) + 1), 1e-6)
+        p[:, m.classes_] = np.maximum(m.predict_proba(X[va]), 1e-6)
+        total += float(np.log(p[np.arange(len(va)), y[va]]).sum())
+    return total
+
 class MeanPoolBaseline:
     "Mean-pooled embeddings → scaler → PCA → CoxPH (survival) or logistic regression (stage)."
     def __init__(self, task: str = "survival",
                  pca: int = 32,  # principal components kept when D is larger (32: chosen on demo_dev, see 19_cv)
                  penalizer: float | str = 0.1,  # CoxPHFitter's L2 penalizer, or "cv": chosen from COX_PENALTIES on the training patients
-                 C: float = 1.0,  # LogisticRegression's inverse regularisation
+                 C: float | str = 1.0,  # LogisticRegression's inverse regularisation, or "cv": chosen from LOGISTIC_CS on the training patients
                  seed: int = 0):
         self.task, self.pca, self.penalizer, self.C, self.seed = task, pca, penalizer, C, seed
 
@@ -106,7 +120,12 @@ class MeanPoolBaseline:
             self.coef_ = cox_coefficients(Z, t, e, self.penalty_)
         else:
             from sklearn.linear_model import LogisticRegression
-            self.model = LogisticRegression(C=self.C, max_iter=2000).fit(Z, labels.stage_index.to_numpy())
+            y, self.C_ = labels.stage_index.to_numpy(), self.C
+            if self.C == "cv":
+                splits = kfold(y, 5, self.seed) if len(y) >= 10 else []
+                if not splits: warnings.warn(f"{len(y)} patients: too few to choose C by inner cross-validation; using 1.0")
+                self.C_ = max(LOGISTIC_CS, key=lambda c: cv_log_likelihood(Z, y, c, splits)) if splits else 1.0
+            self.model = LogisticRegression(C=self.C_, max_iter=2000).fit(Z, y)
         return self
 
     def state(self) -> dict:

@@ -131,8 +131,9 @@ check: install  ## after make twins: a candidate default (CHECK_NAME=..., CHECK_
 # mean-pool Cox's penalty: chosen by inner cross-validation on each training fold (penalizer=cv) against the fixed 0.1,
 # both as one-setting sweeps (so the check reads the same whichever is the default), then the rule written down in
 # nbs/19_cv.ipynb before it ran: IPA up over the twins and on two of three, C down by no more than 0.005 on average
+# (with the curves from mean-pool's own coefficients, inner_curves=false, as the check ran before inner_curves became its default)
 MEANPOOL_TWIN = wsi-study tune data/$(1)/manifest.csv --features results/$(1)/features/2mpp_224px_0px/efficientnet_lite0 \
-	--model meanpool --grid penalizer=$(2) --seeds $(SEEDS) --out results/$(1)/tune/meanpool_penalizer_$(2)
+	--model meanpool --grid penalizer=$(2) --grid inner_curves=false --seeds $(SEEDS) --out results/$(1)/tune/meanpool_penalizer_$(2)
 MEANPOOL_PAIRS = $(foreach c,$(TWINS),--pair results/$(c)/tune/meanpool_penalizer_0.1 results/$(c)/tune/meanpool_penalizer_cv)
 baseline-check: install  ## mean-pool's Cox penalty (against the fixed 0.1) and its stage model's C (against 1) by inner cross-validation on the twins, split seeds 0-9, then the rules (~15 min with the twins' features built; building adds ~12)
 	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results

@@ -135,7 +135,7 @@ check: install  ## after make twins: a candidate default (CHECK_NAME=..., CHECK_
 MEANPOOL_TWIN = wsi-study tune data/$(1)/manifest.csv --features results/$(1)/features/2mpp_224px_0px/efficientnet_lite0 \
 	--model meanpool --grid penalizer=$(2) --grid inner_curves=false --seeds $(SEEDS) --out results/$(1)/tune/meanpool_penalizer_$(2)
 MEANPOOL_PAIRS = $(foreach c,$(TWINS),--pair results/$(c)/tune/meanpool_penalizer_0.1 results/$(c)/tune/meanpool_penalizer_cv)
-baseline-check: install  ## mean-pool's Cox penalty (against the fixed 0.1) and its stage model's C (against 1) by inner cross-validation on the twins, split seeds 0-9, then the rules (~15 min with the twins' features built; building adds ~12)
+baseline-check: install  ## mean-pool's Cox penalty (against the fixed 0.1) and its stage model's C (against 1) by inner cross-validation on the twins, split seeds 0-9, then the rules (~8 min with the twins' features built; building adds ~12)
 	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
 	for c in $(TWINS); do \
 		$(BIN)/$(call MEANPOOL_TWIN,$$c,0.1) || exit $$?; \

@@ -30,7 +30,7 @@ from ..models.losses import cox_ph_loss, task_loss, task_predict
 from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
 from ..models.abmil import ABMIL, CLAMSB, MaxPoolMIL, PatchInputs
 from ..models.baselines import (MeanPoolBaseline, cox_coefficients, cv_partial_likelihood, inner_splits, kfold,
-                                        mean_embeddings, stage_onehot)
+                                       mean_embeddings, stage_onehot)
 from .splits import check_splits, external_splits, fold_indices, load_splits, make_splits, save_splits
 from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, prognostic_value, risk_components, truth_cox
 from .shift import feature_reference, flag_shifted, plot_shift, shift_score

@@ -97,7 +97,9 @@ def test_features_deterministic_and_worker_independent(tmp_path):
 
 def test_kill_mid_slide_then_resume(tmp_path):
     "SIGKILL mid-slide leaves only a temp file; the re-run skips the finished slide and completes the killed one."
-    manifest = cohort(tmp_path, {"first": (CMU, grid(8)), "second": (CMU, grid(300, step=100))})
+    # the second slide long enough (2,000 patches) that half a second into it is mid-slide on a fast machine too:
+    # with 300 it once finished before the kill in CI
+    manifest = cohort(tmp_path, {"first": (CMU, grid(8)), "second": (CMU, grid(2000, step=50))})
     out = tmp_path / "features"
     script = textwrap.dedent(f"""
         from wsi_study.embedding import embed_cohort
@@ -124,11 +126,11 @@ def test_kill_mid_slide_then_resume(tmp_path):
     assert len(temps(folder, "second.h5")) == 1
     first_mtime = (folder / "first.h5").stat().st_mtime_ns
     t = embed_cohort(manifest, tmp_path / "tiles", out, FAST, batch_size=8, device="cpu", progress=False)
-    assert t.status.tolist() == ["skipped", "ok"] and t.n_patches.tolist() == [8, 300]
+    assert t.status.tolist() == ["skipped", "ok"] and t.n_patches.tolist() == [8, 2000]
     assert (folder / "first.h5").stat().st_mtime_ns == first_mtime
     assert not temps(folder, "")
     with h5py.File(folder / "second.h5", "r") as f:
-        assert f["features"].shape == (300, 1024) and f.attrs["n_patches"] == 300
+        assert f["features"].shape == (2000, 1024) and f.attrs["n_patches"] == 2000
 
 
 def alive(p: psutil.Process) -> bool:

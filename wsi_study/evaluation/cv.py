@@ -224,7 +224,7 @@ def fit_fold(bags: Bags, idx: dict,  # patient positions per role: train, val, t
         make = lambda: MeanPoolBaseline(task, **_kwargs(MeanPoolBaseline, hp), seed=seed)
         base = make().fit(X[fit_idx], bags.labels.iloc[fit_idx])
         name, value, asked = ("penalty", base.penalty_, hp["penalizer"]) if task == "survival" else ("C", base.C_, hp["C"])
-        _log.info(f"fold {fold}: {model} {name} {value}" + (" (inner cross-validation)" if asked == "cv" else ""))
+        if asked == "cv": _log.info(f"fold {fold}: {model} {name} {value} (inner cross-validation)")  # a fixed one is in params.json
         oob = inner_risks(make, X[fit_idx], bags.labels.iloc[fit_idx], len(everyone), seed) if task == "survival" and hp["inner_curves"] else None
         return {"idx": everyone, "pred": base.predict(X[everyone]), "oob": oob, "attention": [], "history": [],
                 "best_epoch": None, "seconds": time.perf_counter() - t0, "penalty": {name: float(value)},

@@ -132,8 +132,10 @@ check: install  ## after make twins: a candidate default (CHECK_NAME=..., CHECK_
 # both as one-setting sweeps (so the check reads the same whichever is the default), then the rule written down in
 # nbs/19_cv.ipynb before it ran: IPA up over the twins and on two of three, C down by no more than 0.005 on average
 # (with the curves from mean-pool's own coefficients, inner_curves=false, as the check ran before inner_curves became its default)
-MEANPOOL_TWIN = wsi-study tune data/$(1)/manifest.csv --features results/$(1)/features/2mpp_224px_0px/efficientnet_lite0 \
-	--model meanpool --grid penalizer=$(2) --grid inner_curves=false --seeds $(SEEDS) --out results/$(1)/tune/meanpool_penalizer_$(2)
+# one sweep over split seeds 0-9 on a twin: $(1) the twin, $(2) the model and grid, $(3) the folder under results/<twin>/tune
+TWIN_SWEEP = wsi-study tune data/$(1)/manifest.csv --features results/$(1)/features/2mpp_224px_0px/efficientnet_lite0 \
+	$(2) --seeds $(SEEDS) --out results/$(1)/tune/$(3)
+MEANPOOL_TWIN = $(call TWIN_SWEEP,$(1),--model meanpool --grid penalizer=$(2) --grid inner_curves=false,meanpool_penalizer_$(2))
 MEANPOOL_PAIRS = $(foreach c,$(TWINS),--pair results/$(c)/tune/meanpool_penalizer_0.1 results/$(c)/tune/meanpool_penalizer_cv)
 baseline-check: install  ## mean-pool's Cox penalty (against the fixed 0.1) and its stage model's C (against 1) by inner cross-validation on the twins, split seeds 0-9, then the rules (~8 min with the twins' features built; building adds ~12)
 	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
@@ -146,8 +148,7 @@ baseline-check: install  ## mean-pool's Cox penalty (against the fixed 0.1) and 
 	-$(BIN)/wsi-study check-default $(MEANPOOL_PAIRS) --min-mean-diff -0.005 --min-positive 0 --max-localisation-drop none \
 		--out results/check/meanpool_cv_cindex
 	for c in $(TWINS); do for v in 1.0 cv; do \
-		$(BIN)/wsi-study tune data/$$c/manifest.csv --features results/$$c/features/2mpp_224px_0px/efficientnet_lite0 \
-			--model meanpool --task stage --grid C=$$v --seeds $(SEEDS) --out results/$$c/tune/meanpool_stage_C_$$v || exit $$?; \
+		$(BIN)/$(call TWIN_SWEEP,$$c,--model meanpool --task stage --grid C=$$v,meanpool_stage_C_$$v) || exit $$?; \
 	done; done
 	-$(BIN)/wsi-study check-default $(foreach c,$(TWINS),--pair results/$(c)/tune/meanpool_stage_C_1.0 results/$(c)/tune/meanpool_stage_C_cv) \
 		--min-positive 2 --max-localisation-drop none --out results/check/meanpool_stage_c
@@ -155,10 +156,9 @@ baseline-check: install  ## mean-pool's Cox penalty (against the fixed 0.1) and 
 # the Cox baselines' survival curves from held-out risks (inner_curves=true) against the default, mean-pool and the
 # stage-alone Cox model each judged by the rule written down in nbs/19_cv.ipynb before it ran: IPA up over the twins
 # and on two of three (their C-indices are untouched)
-CURVES_TWIN = wsi-study tune data/$(1)/manifest.csv --features results/$(1)/features/2mpp_224px_0px/efficientnet_lite0 \
-	--model $(2) --grid inner_curves=$(3) --seeds $(SEEDS) --out results/$(1)/tune/$(2)_inner_curves_$(3)
+CURVES_TWIN = $(call TWIN_SWEEP,$(1),--model $(2) --grid inner_curves=$(3),$(2)_inner_curves_$(3))
 CURVES_PAIRS = $(foreach c,$(TWINS),--pair results/$(c)/tune/$(1)_inner_curves_false results/$(c)/tune/$(1)_inner_curves_true)
-curves-check: install  ## mean-pool's and the stage-alone Cox model's curves from inner-fold risks against the default on the twins, split seeds 0-9, then the rule (~10 min with the twins' features built)
+curves-check: install  ## mean-pool's and the stage-alone Cox model's curves from inner-fold risks against the default on the twins, split seeds 0-9, then the rule (~10-15 min with the twins' features built)
 	$(BIN)/wsi-study run configs/study.yaml $(foreach c,$(TWINS),--cohort $(c)) --only 10_tiling --only 20_embedding --out results
 	for m in meanpool stage_cox; do for c in $(TWINS); do \
 		$(BIN)/$(call CURVES_TWIN,$$c,$${m},false) || exit $$?; \

@@ -33,7 +33,7 @@ from ..models.baselines import (MeanPoolBaseline, cox_coefficients, cv_partial_l
                                        mean_embeddings, stage_onehot)
 from .splits import check_splits, external_splits, fold_indices, load_splits, make_splits, save_splits
 from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics, oracle_cindex, oracle_gap, patient_truth, prognostic_value, risk_components, truth_cox
-from .shift import feature_reference, flag_shifted, plot_shift, shift_score
+from .shift import feature_reference, flag_beyond, flag_shifted, plot_shift, shift_score
 from .calibration import (eval_times, plot_reliability, plot_survival_calibration, risk_to_survival,
                                               stage_calibration, survival_calibration)
 from .attention import attention_figure, localisation_auc, write_attention
@@ -552,6 +552,9 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
         pred_fit, pred_test = r["pred"][:n_fit], r["pred"][n_fit:]
         scale = (float(pred_fit.mean()), float(pred_fit.std()) or 1.0, float(np.median(pred_fit))) if task == "survival" else None
         rows += pred_rows([bags.patients[i] for i in idx["test"]], pred_test, f, task, scale)
+        if test_manifest is not None and scale is not None:  # an external cohort's patients beyond every training patient's risk
+            beyond = flag_beyond([bags.patients[i] for i in idx["test"]], pred_test, float(pred_fit.min()), float(pred_fit.max()))
+            for row, b in zip(rows[-len(pred_test):], beyond): row["beyond_training"] = bool(b)
         if task == "survival" and len(times):  # survival curves: a Cox model on the fit patients' out-of-member risks
             cs, baseline = fold_curves(labels.iloc[r["idx"][:n_fit]], pred_fit if r["oob"] is None else r["oob"][:n_fit],
                                        [bags.patients[i] for i in idx["test"]], pred_test, times, int(f), rows,
@@ -574,6 +577,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold",
              metrics.get("hr_high_low"), reference if save else None, curves, times)
     if save: metrics["n_shifted"] = flag_shifted(list(pred.index), pred.shift_score.to_numpy())
+    if "beyond_training" in pred: metrics["n_beyond_training"] = int(pred.beyond_training.sum())
     if save:
         save_model(out / "model.pt", {"model": model, "task": task, "hp": hp, "features_dim": bags.dim, "dim": r["dim"],
                                       "spec": trained_on, "inputs": r["inputs"], "members": r["members"], "seed": seed,

@@ -20,7 +20,7 @@ from ..models.baselines import MeanPoolBaseline, mean_embeddings
 from ..models.deepattnmisl import ClusterInputs
 from ..models.losses import task_predict
 from .cv import _figures, _truth_dir, _write_attention, load_model, make_net, patient_curves, pred_rows, predict, score
-from .shift import flag_shifted, shift_score
+from .shift import flag_beyond, flag_shifted, shift_score
 from .calibration import apply_baseline, eval_times
 
 # %% auto #0
@@ -61,12 +61,9 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
                          else task_predict(o["out"], task, hp["ordinal"]))
             atts.append(att)
     r, pred = b["risk"], np.mean(preds, 0)
-    beyond = [] if r is None else [p for p, v in zip(bags.patients, pred) if not r["min"] <= v <= r["max"]]
-    if beyond:  # a model says little about patients unlike any it was trained on
-        _log.warning(f"{len(beyond)} of {len(pred)} patients have a risk beyond the training cohort's range "
-                     f"({r['min']:.3g} to {r['max']:.3g}): {', '.join(beyond[:8])}{' …' if len(beyond) > 8 else ''}; "
-                     "their features may be unlike the training cohort's (another stain, scanner, tissue or encoder)")
+    beyond = None if r is None else flag_beyond(bags.patients, pred, r["min"], r["max"])  # a model says little about patients unlike any it learned from
     rows = pred_rows(bags.patients, pred, 0, task, None if r is None else (r["mu"], r["sd"], r["threshold"]))
+    for row, f in zip(rows, [] if beyond is None else beyond): row["beyond_training"] = bool(f)
     ref = b.get("reference")  # absent from model files written before the check existed
     if ref is not None:
         shifts = shift_score(bags, ref)
@@ -82,7 +79,7 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
                           _truth_dir(manifest, truth), n_boot, seed, fit_truth=None, curves=curves, times=times)
     _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted", metrics.get("hr_high_low"), ref, curves, times)
     metrics["n_predicted"] = len(pred)  # `n_patients`: those scored (with the task's labels)
-    if r is not None: metrics["n_beyond_training"] = len(beyond)
+    if r is not None: metrics["n_beyond_training"] = int(beyond.sum())
     if ref is not None: metrics["n_shifted"] = flag_shifted(bags.patients, shifts)
     write_metrics(out, metrics)
     seconds = round(time.perf_counter() - t0, 2)

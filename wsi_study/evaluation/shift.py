@@ -15,7 +15,8 @@ from ..models.bags import Bags, feature_moments
 from ..models.deepattnmisl import kmeans_fit
 
 # %% auto #0
-__all__ = ['nearest_distance', 'patient_distance', 'shift_score', 'feature_reference', 'flag_shifted', 'plot_shift']
+__all__ = ['nearest_distance', 'patient_distance', 'shift_score', 'feature_reference', 'flag_beyond', 'flag_shifted',
+           'plot_shift']
 
 # %% ../../nbs/18a_shift.ipynb #a7ff0421
 _log = get_logger("wsi_study.evaluation")
@@ -61,6 +62,20 @@ def feature_reference(bags: Bags,
     ref = {"mean": mean, "sd": sd, "centroids": kmeans_fit((x - mean) / sd, min(k, len(x)), seed=seed, max_points=max_points)}
     dist = patient_distance(bags, ref, calib)
     return {**ref, "distances": torch.as_tensor(dist, dtype=torch.float32), "distance_max": float(np.nanmax(dist))}
+
+def flag_beyond(patients: list[str], risk: np.ndarray,  # each patient's risk on the training patients' scale
+                lo: float, hi: float,  # the training patients' lowest and highest risk
+               ) -> np.ndarray:
+    """Whether each patient's risk lies outside the training patients' range (True), the patients named in one
+    warning: a risk, and the survival curve drawn from it, extrapolated beyond every patient the model learned from."""
+    out = ~((risk >= lo) & (risk <= hi))
+    far = [p for p, b in zip(patients, out) if b]
+    if far:
+        _log.warning(f"{len(far)} of {len(patients)} patients have a risk beyond the training cohort's range "
+                     f"({lo:.3g} to {hi:.3g}): {', '.join(far[:8])}{' …' if len(far) > 8 else ''} (beyond_training in "
+                     "predictions.csv); their features may be unlike the training cohort's (another stain, scanner, "
+                     "tissue or encoder), and their risk and survival curve are extrapolated")
+    return out
 
 def flag_shifted(patients: list[str], scores: np.ndarray) -> int:
     "Name, in one warning, the patients whose `shift_score` is above 1; returns how many."

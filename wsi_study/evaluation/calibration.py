@@ -42,8 +42,10 @@ def fit_baseline(fit: pd.DataFrame,  # training patients: `risk` (from models th
     """A Cox model of survival with the risk as its one covariate, on the training patients: the risk's log hazard
     ratio `coef` (fitted by lifelines, or given for a model that is a Cox model itself and so has its own), its
     training `mean`, Breslow's baseline cumulative hazard (`hazard_times`, `cumhaz`), the training patients'
-    Kaplan–Meier (`km_times`, `km`: the prediction without the image) and their `eval_times`. Arrays only, so that
-    `model.pt` can keep it. None when no Cox model can be fitted."""
+    Kaplan–Meier (`km_times`, `km`: the prediction without the image) and their `eval_times`. A fitted coefficient
+    below 0 (held-out risks that rank the training patients the wrong way) is set to 0, so that no patient the model
+    ranks higher gets a better curve: every patient then gets the baseline, and `coef_fitted` keeps what was fitted.
+    Arrays only, so that `model.pt` can keep it. None when no Cox model can be fitted."""
     from lifelines import KaplanMeierFitter
     d = fit.dropna(subset=["risk", "survival_months", "event"])
     if d.event.sum() < 2 or not d.risk.std() > 0: return None
@@ -51,12 +53,14 @@ def fit_baseline(fit: pd.DataFrame,  # training patients: `risk` (from models th
     if coef is None:
         cph = _cox(d, ["risk"])
         if cph is None: return None
-        coef, mean, h = float(cph.params_["risk"]), float(cph._norm_mean["risk"]), cph.baseline_cumulative_hazard_.iloc[:, 0]
+        fitted, mean, h = float(cph.params_["risk"]), float(cph._norm_mean["risk"]), cph.baseline_cumulative_hazard_.iloc[:, 0]
         ht, h0 = h.index.to_numpy(float), h.to_numpy(float)  # lifelines centres the covariate on its training mean
+        if fitted < 0: coef, ht, h0 = 0.0, *breslow(d.survival_months, d.event, np.zeros(len(d)))  # the curves may not contradict the risk
+        else: coef = fitted
     else:
-        mean = float(d.risk.mean())
+        fitted, mean = None, float(d.risk.mean())
         ht, h0 = breslow(d.survival_months, d.event, coef * (d.risk - mean))
-    return {"coef": float(coef), "mean": mean, "hazard_times": ht, "cumhaz": h0,
+    return {"coef": float(coef), **({} if fitted is None else {"coef_fitted": fitted}), "mean": mean, "hazard_times": ht, "cumhaz": h0,
             "km_times": km.index.to_numpy(float), "km": km.to_numpy(float),
             "eval_times": eval_times(d.survival_months, d.event)}
 

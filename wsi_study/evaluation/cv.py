@@ -561,7 +561,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
                                        coef=1.0 if r["oob"] is None else None)  # a Cox model's log hazard keeps its coefficients
             curves.update(cs)
             if baseline is not None:
-                curve_cox.append({"fold": int(f), "coef": baseline["coef"], "fitted_on": "own" if r["oob"] is None else "held-out"})
+                curve_cox.append({"fold": int(f), "coef": baseline["coef"], "coef_fitted": baseline.get("coef_fitted", np.nan),
+                                  "fitted_on": "own" if r["oob"] is None else "held-out"})
         if save:  # what the training patches look like, for this run and `predict` to name patients unlike them
             reference = feature_reference(bags, np.concatenate([idx["train"], idx["val"]]), seed=seed)
             shifts = shift_score(bags, reference, idx["test"])

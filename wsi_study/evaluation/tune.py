@@ -78,11 +78,12 @@ def data_fingerprint(bags: Bags,
     return hashlib.sha1(text).hexdigest()[:12]
 
 def code_fingerprint() -> str:
-    """A short hash of the code `train_cv` runs (`wsi_study.models`; cv, metrics, calibration, shift, splits and
-    attention: every module whose output reaches a run's metrics) and of torch, numpy and scikit-learn's versions."""
+    """A short hash of the code `train_cv` runs (`wsi_study.models` and the evaluation's modules: cv, metrics,
+    calibration, shift, splits, attention and any added later) and of torch, numpy and scikit-learn's versions."""
     import sklearn, wsi_study
     root = Path(wsi_study.__file__).parent  # not this module nor the report's: editing them does not change a run's numbers
-    files = [*root.glob("models/*.py"), *(root / "evaluation" / f"{m}.py" for m in ("cv", "metrics", "calibration", "shift", "splits", "attention"))]
+    skip = {"__init__", "tune", "compare", "predict"}  # bookkeeping, reading finished runs, applying a saved model
+    files = [*root.glob("models/*.py"), *(p for p in root.glob("evaluation/*.py") if p.stem not in skip)]
     text = f"torch {torch.__version__} numpy {np.__version__} sklearn {sklearn.__version__} " + \
         " ".join(f"{p.relative_to(root).as_posix()}:{file_sha256(p)}" for p in sorted(files))
     return hashlib.sha1(text.encode()).hexdigest()[:12]

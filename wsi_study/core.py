@@ -22,7 +22,7 @@ import yaml
 
 # %% auto #0
 __all__ = ['COHORT_KEYS', 'DEMO_KEYS', 'WsiStudyError', 'ConfigError', 'SlideError', 'ManifestError', 'StudySkipped',
-           'StudyError', 'whole_number', 'seed_everything', 'atomic_path', 'write_text', 'write_json',
+           'StudyError', 'whole_number', 'seed_everything', 'atomic_path', 'write_text', 'write_csv', 'write_json',
            'clean_stale_temps', 'record_failures', 'one_line', 'flatten_metrics', 'write_metrics', 'read_yaml',
            'load_cohort', 'project_root', 'get_logger']
 
@@ -104,6 +104,12 @@ def write_text(path, text: str) -> Path:
         tmp.write_text(text)
     return Path(path)
 
+def write_csv(path, table, **to_csv) -> Path:
+    "Write a pandas table to `path` atomically; keywords go to `to_csv` (e.g. `index=False`)."
+    with atomic_path(path, suffix=".csv") as tmp:
+        table.to_csv(tmp, **to_csv)
+    return Path(path)
+
 def _jsonable(o):
     if isinstance(o, (np.integer,)): return int(o)
     if isinstance(o, (np.floating, float)):
@@ -143,8 +149,7 @@ def record_failures(out_dir,  # the stage's output folder
     if table.empty:
         path.unlink(missing_ok=True)
     else:
-        with atomic_path(path, suffix=".csv") as tmp:
-            table.to_csv(tmp, index=False)
+        write_csv(path, table, index=False)
     return path
 
 def one_line(e: BaseException) -> str:

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .core import atomic_path
+from .core import atomic_path, write_csv
 
 # %% auto #0
 __all__ = ['save_figure', 'save_table', 'show', 'thumbnail_grid', 'km_by_group']
@@ -27,8 +27,7 @@ def save_figure(fig, out_dir, name: str, dpi: int = 120) -> Path:
 def save_table(df: pd.DataFrame, out_dir, name: str) -> Path:
     "Save a table as `out_dir/tables/<name>.csv`."
     path = Path(out_dir) / "tables" / f"{name}.csv"
-    with atomic_path(path, suffix=".csv") as tmp:
-        df.to_csv(tmp, index=False)
+    write_csv(path, df, index=False)
     return path
 
 def show(png) -> bool:

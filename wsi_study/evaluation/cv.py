@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import (WsiStudyError, atomic_path, flatten_metrics, get_logger, seed_everything, whole_number,
-                            write_json, write_metrics)
+                            write_csv, write_json, write_metrics)
 from ..embedding import resolve_device
 from ..manifest import STAGES
 from ..report import km_by_group, save_figure
@@ -443,8 +443,8 @@ def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: 
         metrics = survival_metrics(known.reset_index(), n_boot, seed) if known.event.sum() > 0 else {}
         if metrics: metrics.update(prognostic_value(known.join(labels[["stage"]]) if "stage" in labels else known))
         if curves:  # every patient's curve; the scores of those with labels
-            pd.DataFrame(np.array([curves[p][0] for p in pred.index]), index=pred.index,
-                         columns=[f"{t:g}" for t in times]).rename_axis("patient_id").to_csv(out / "survival_curves.csv")
+            write_csv(out / "survival_curves.csv", pd.DataFrame(np.array([curves[p][0] for p in pred.index]), index=pred.index,
+                                                                columns=[f"{t:g}" for t in times]).rename_axis("patient_id"))
         else: (out / "survival_curves.csv").unlink(missing_ok=True)  # a reused folder keeps no other run's curves
         if metrics and curves:
             surv, km = (np.array([curves[p][k] for p in known.index]) for k in (0, 1))
@@ -455,7 +455,7 @@ def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: 
         metrics = stage_metrics(known.reset_index().assign(pred_index=known.pred.map(STAGES.index).to_numpy()), n_boot, seed) if len(known) else {}
         metrics.update(stage_calibration(known, n_boot, seed))
     metrics.setdefault("n_patients", len(known))  # the patients scored
-    pred.reset_index().drop(columns=["stage_index"], errors="ignore").to_csv(out / "predictions.csv", index=False)
+    write_csv(out / "predictions.csv", pred.reset_index().drop(columns=["stage_index"], errors="ignore"), index=False)
     if tdir is not None and task == "survival" and (tdir / "truth.csv").is_file() and "cindex" in metrics:
         gt = patient_truth(tdir / "truth.csv")  # read once for the four
         metrics["oracle_cindex"] = oracle_cindex(gt, labels.loc[known.index], n_boot, seed)
@@ -465,7 +465,7 @@ def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: 
         elif fit_truth is not None: metrics.update(truth_cox(*_training_truth(gt, known, labels, fit_truth), n_boot, seed))
     if tdir is not None and (tdir / "truth").is_dir() and (out / "attention").is_dir():
         loc, per_slide = localisation_auc(out, tdir / "truth", n_boot, seed)
-        metrics.update(loc); per_slide.to_csv(out / "localisation.csv", index=False)
+        metrics.update(loc); write_csv(out / "localisation.csv", per_slide, index=False)
     return pred, metrics
 
 def _training_truth(gt: pd.DataFrame, pred: pd.DataFrame, labels: pd.DataFrame, tdir: Path | None):
@@ -586,11 +586,11 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
                                           "min": float(pred_fit.min()), "max": float(pred_fit.max())},
                                       "train_patients": n_fit, "reference": reference, "baseline": r.get("baseline"),
                                       "survival": _tensors(baseline) if task == "survival" and len(times) else None})
-    if stacks: pd.DataFrame(stacks).to_csv(out / "stack.csv", index=False)
+    if stacks: write_csv(out / "stack.csv", pd.DataFrame(stacks), index=False)
     if curve_cox:  # per fold, the coefficient that turned the risk into curves: fitted on held-out risks, or the model's own (1)
-        pd.DataFrame(curve_cox).to_csv(out / "curve_cox.csv", index=False)
+        write_csv(out / "curve_cox.csv", pd.DataFrame(curve_cox), index=False)
     if penalties:  # mean-pool's and the stage-alone model's Cox penalty or logistic C per fold (chosen there with "cv")
-        pd.DataFrame(penalties).to_csv(out / "penalty.csv", index=False)
+        write_csv(out / "penalty.csv", pd.DataFrame(penalties), index=False)
         name = next(iter(penalties[0].keys() - {"fold"}))
         metrics["cox_penalty_median" if name == "penalty" else "logistic_c_median"] = float(np.median([p[name] for p in penalties]))
     done = [b for b in best_epochs if b is not None]
@@ -626,7 +626,7 @@ def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.D
             fig = plot_survival_calibration(pred, surv, km, times, title=f"{model}: {scored} survival curves")
             save_figure(fig, out, "survival_calibration"); plt.close(fig)
     if len(history):
-        history.to_csv(out / "history.csv", index=False)
+        write_csv(out / "history.csv", history, index=False)
         fig = _curves(history, f"{model} · {task}"); save_figure(fig, out, "training_curves"); plt.close(fig)
     if heatmaps and (out / "attention").is_dir():
         try:

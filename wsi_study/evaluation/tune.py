@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core import WsiStudyError, atomic_path, get_logger
+from ..core import WsiStudyError, get_logger, write_csv, write_text
 from ..encoders import file_sha256, tensors_sha256
 from .cv import _truth_dir, model_params, train_cv
 from .compare import HEADLINE  # the one headline metric per task, as the model comparison uses
@@ -149,7 +149,7 @@ def _run_all(manifest, features_dir, model, task, grid, out, folds, seeds, truth
                key: m[key], **{k: m.get(k, np.nan) for k in (*TRUTH_METRICS, *SEED_METRICS)}, "seconds": m["seconds"]}
         runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)
         runs = runs[list(row) + [c for c in runs if c not in row]]  # the row's own order, old columns after
-        with atomic_path(table) as tmp: runs.to_csv(tmp, index=False)  # one row per finished run: a killed sweep resumes
+        write_csv(table, runs, index=False)  # one row per finished run: a killed sweep resumes
         _log.info(f"{model} {task} {name} seed {s}: {key} {m[key]:.3f}")
     return runs[runs.config.isin(keys) & runs.seed.isin(list(seeds))]
 
@@ -183,7 +183,7 @@ def repeat_cv(manifest,  # manifest (path or DataFrame) or a `Bags`
     summary = runs[cols].agg(["mean", "std", "min", "max"]).T.rename(columns={"std": "sd"})
     summary.insert(0, "seeds", runs[cols].notna().sum())
     summary = summary.rename_axis("metric").reset_index()
-    with atomic_path(out / "repeats.csv") as tmp: summary.to_csv(tmp, index=False)
+    write_csv(out / "repeats.csv", summary, index=False)
     _plot(runs, list(_rank(runs, HEADLINE[task]).config), HEADLINE[task], out, f"{model} · {task}: {len(runs)} split seeds")
     return summary
 
@@ -355,7 +355,7 @@ def compare_repeats(folders,  # `repeat_cv` folders (a list, named by folder, or
     if out_dir is not None:
         out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
         for df, n in ((models, "repeats_models.csv"), (paired, "repeats_paired.csv")):
-            with atomic_path(out / n) as tmp: df.to_csv(tmp, index=False)
+            write_csv(out / n, df, index=False)
         diffs = pd.DataFrame([{"config": r["model"], "diff": r[f"seed{s}"]} for r in paired.to_dict("records") for s in seeds])
         _plot(diffs, list(paired.model), "diff", out, name="paired", line=0,
               xlabel=f"{key} minus {reference}'s on the same split seed\n(dots: seeds; bar: mean)")
@@ -414,8 +414,8 @@ def check_default(pairs,  # (baseline folder, candidate folder) per development 
                "pairs": [[str(b), str(c)] for b, c in pairs]}
     if out_dir is not None:
         out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "check.csv") as tmp: table.to_csv(tmp, index=False)
-        with atomic_path(out / "check.json") as tmp: Path(tmp).write_text(json.dumps(verdict, indent=1))
+        write_csv(out / "check.csv", table, index=False)
+        write_text(out / "check.json", json.dumps(verdict, indent=1))
     return table, verdict
 
 def _cohort_name(folder: Path) -> str:
@@ -454,7 +454,7 @@ def summarise_cohorts(folders,  # `repeat_cv` folders of one model and task, one
     table = pd.DataFrame(rows)
     if out_dir is not None:
         out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "cohorts.csv") as tmp: table.to_csv(tmp, index=False)
+        write_csv(out / "cohorts.csv", table, index=False)
         for metric, _, value in targets or [(key, None, None)]:  # per target: each cohort's seeds against its line
             per = pd.DataFrame([{"config": n, metric: v} for n, r in runs.items() if metric in r for v in r[metric].dropna()])
             if len(per): _plot(per, list(runs), metric, out, name=f"cohorts_{metric}", line=value)

@@ -19,8 +19,8 @@ import pandas as pd
 import psutil
 from tqdm.auto import tqdm
 
-from .core import (ConfigError, StudyError, atomic_path, get_logger, load_cohort, one_line, read_yaml,
-                            whole_number, write_json)
+from .core import (ConfigError, StudyError, get_logger, load_cohort, one_line, read_yaml, whole_number,
+                            write_csv, write_json)
 
 # %% auto #0
 __all__ = ['PACKAGES', 'load_studies', 'provenance', 'PeakMemory', 'run_study', 'run_studies']
@@ -217,8 +217,7 @@ def run_studies(study_config,  # path to configs/study.yaml
             elif rec["status"] != "ok":
                 failures.append(f"study '{study['name']}' failed on cohort '{name}' ({rec['error']}); see {rec['output']}")
             write_json(cdir / "run.json", run)
-            with atomic_path(cdir / "summary.csv", suffix=".csv") as tmp:
-                pd.DataFrame(summary, columns=["cohort", "study", "metric", "value"]).to_csv(tmp, index=False)
+            write_csv(cdir / "summary.csv", pd.DataFrame(summary, columns=["cohort", "study", "metric", "value"]), index=False)
             bar.update()
         run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json(cdir / "run.json", run)

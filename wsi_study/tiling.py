@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .core import (SlideError, WsiStudyError, atomic_path, clean_stale_temps, get_logger, one_line,
-                            record_failures)
+                            record_failures, write_csv)
 from .slides import open_slide, quiet_readers, slide_mpp
 
 # %% auto #0
@@ -211,7 +211,6 @@ def tile_cohort(manifest,  # a validated manifest DataFrame or a path to the CSV
         get_logger().warning(f"{len(failed)} of {len(table)} slides failed to tile; see {out / 'failures.csv'}")
     order = {r["slide_id"]: i for i, r in enumerate(rows)}
     table = table.sort_values("slide_id", key=lambda s: s.map(order)).reset_index(drop=True)
-    with atomic_path(out / "tiles.csv", suffix=".csv") as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(out / "tiles.csv", table, index=False)
     clean_stale_temps(out)  # leftovers of killed workers whose slide has since been finished
     return table

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import WsiStudyError, atomic_path, get_logger, whole_number
+from ..core import WsiStudyError, get_logger, whole_number, write_csv
 
 # %% auto #0
 __all__ = ['ROLES', 'strata', 'make_splits', 'external_splits', 'check_splits', 'save_splits', 'load_splits', 'fold_indices']
@@ -112,8 +112,7 @@ def check_splits(splits: pd.DataFrame, labels: pd.DataFrame, task: str = "surviv
 def save_splits(splits: pd.DataFrame, path) -> Path:
     "Write splits as CSV (`patient_id, fold, role`), atomically."
     path = Path(path)
-    with atomic_path(path, suffix=".csv") as tmp:
-        splits[["patient_id", "fold", "role"]].to_csv(tmp, index=False)
+    write_csv(path, splits[["patient_id", "fold", "role"]], index=False)
     return path
 
 def load_splits(path,  # a splits CSV written by `save_splits`

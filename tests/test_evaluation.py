@@ -305,6 +305,8 @@ def test_cli_predict_applies_the_saved_model(cohort, tmp_path):
     exe = [CLI, "-q", "predict", str(tmp_path / "x" / "model.pt"), str(ext), "--features", str(ext.parent / "features")]
     r = subprocess.run(exe + ["--out", str(tmp_path / "p")], capture_output=True, text=True)
     assert r.returncode == 0 and "16 patients predicted, 16 with labels scored" in r.stdout and "auc_macro" in r.stdout, r.stderr
+    shifted = json.loads((tmp_path / "p" / "metrics.json").read_text())["n_shifted"]
+    assert (f"; {shifted} shifted (shift_score > 1) in predictions.csv" in r.stdout) == (shifted > 0), r.stdout
     a, b = (pd.read_csv(tmp_path / f / "predictions.csv") for f in ("x", "p"))
     assert a.patient_id.tolist() == b.patient_id.tolist() and np.allclose(a[PROB_COLS], b[PROB_COLS], atol=1e-5)
     assert np.allclose(a.shift_score, b.shift_score) and (b.shift_score > 0).all()  # the same check from model.pt alone

@@ -120,7 +120,10 @@ def cmd_predict(args) -> int:
     from wsi_study.evaluation.predict import predict_cohort
     m = predict_cohort(args.model_file, args.manifest, args.features, args.out, device=args.device, progress=not args.quiet)
     head = _headline(m, ("cindex", "oracle_cindex", "ipa", "auc_macro", "localisation_auc"))
-    print(f"{args.out}: {int(m['n_predicted'])} patients predicted, {int(m['n_patients'])} with labels scored" + (f", {head}" if head else ""))
+    flags = [f"{int(m[k])} {what}" for k, what in (("n_beyond_training", "beyond the training risks (beyond_training)"),
+                                                    ("n_shifted", "shifted (shift_score > 1)")) if m.get(k)]
+    print(f"{args.out}: {int(m['n_predicted'])} patients predicted, {int(m['n_patients'])} with labels scored" + (f", {head}" if head else "")
+          + (f"; {', '.join(flags)} in predictions.csv" if flags else ""))
     return 0
 
 def cmd_tune(args) -> int:

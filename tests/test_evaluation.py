@@ -125,7 +125,7 @@ def test_stage_metrics_and_bootstrap():
     pred = pd.DataFrame(p, columns=PROB_COLS).assign(fold=np.arange(40) // 10, stage_index=y, pred_index=y)
     m = stage_metrics(pred, n_boot=50)
     assert m["auc_macro"][0] == 1.0 and m["balanced_accuracy"][0] == 1.0 and m["confusion_C_C"] == 10
-    assert m["confusion_A_B"] == 0 and m["f1_B"] == 1.0 and m["auc_macro_fold_mean"] == 1.0
+    assert m["confusion_A_B"] == 0 and m["f1_B"] == (1.0, 1.0, 1.0) and m["auc_macro_fold_mean"] == 1.0
     v, lo, hi = bootstrap(lambda i: float(np.mean(i < 20)), 40, n_boot=200)
     assert lo <= v <= hi and hi - lo > 0.05
 

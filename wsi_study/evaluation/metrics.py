@@ -293,18 +293,22 @@ def _f1(y, yhat) -> np.ndarray:
 
 def stage_metrics(pred: pd.DataFrame,  # one row per patient: fold, stage_index, prob_A..prob_D, pred_index
                   n_boot: int = 1000, seed: int = 0) -> dict:
-    "Macro OvR AUC, balanced accuracy, macro F1, quadratic-weighted kappa (with CIs and fold mean/sd), per-stage F1 and the confusion matrix."
+    """Macro OvR AUC, balanced accuracy, macro F1, quadratic-weighted kappa (with CIs and fold mean/sd), per-stage F1
+    (with CIs; a resample without a stage, true or predicted, leaves that stage's F1 out) and the confusion matrix."""
     y, p, yhat = pred.stage_index.to_numpy(int), pred[PROB_COLS].to_numpy(float), pred.pred_index.to_numpy(int)
     stats = {"auc_macro": lambda y, p, yh: auc_ovr_macro(y, p),
              "balanced_accuracy": lambda y, p, yh: _balanced_accuracy(y, yh),
              "f1_macro": lambda y, p, yh: float(_f1(y, yh).mean()),
              "kappa_quadratic": lambda y, p, yh: _kappa(y, yh)}
-    m = {}
+    def scores(i):  # every statistic from the same resample, in one pass
+        cm = _confusion(y[i], yhat[i])
+        seen = (cm.sum(0) + cm.sum(1)) > 0
+        return {**{name: f(y[i], p[i], yhat[i]) for name, f in stats.items()},
+                **{f"f1_{s}": float(v) if ok else np.nan for s, v, ok in zip(STAGES, _f1(y[i], yhat[i]), seen)}}
+    m = bootstrap_many(scores, len(pred), n_boot, seed)
     for name, f in stats.items():
-        m[name] = bootstrap(lambda i: f(y[i], p[i], yhat[i]), len(pred), n_boot, seed)
         m[f"{name}_fold_mean"], m[f"{name}_fold_sd"] = fold_spread(
             pred, lambda g: f(g.stage_index.to_numpy(int), g[PROB_COLS].to_numpy(float), g.pred_index.to_numpy(int)))
-    for s, v in zip(STAGES, _f1(y, yhat)): m[f"f1_{s}"] = float(v)
     cm = _confusion(y, yhat)
     m.update({f"confusion_{a}_{b}": int(cm[i, j]) for i, a in enumerate(STAGES) for j, b in enumerate(STAGES)})
     m["n_patients"] = len(pred)

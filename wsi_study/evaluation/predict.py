@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import flatten_metrics, get_logger, write_json, write_metrics
+from ..core import flatten_metrics, write_json, write_metrics
 from ..embedding import resolve_device
 from ..models.abmil import PatchInputs
 from ..models.bags import Bags, check_alike, embedded_as, load_bags
@@ -27,8 +27,6 @@ from .calibration import apply_baseline, eval_times
 __all__ = ['predict_cohort']
 
 # %% ../../nbs/22_predict.ipynb #915b8560
-_log = get_logger("wsi_study.evaluation")
-
 def predict_cohort(model_path,  # a model.pt written by an external validation
                    manifest,  # the cohort's manifest (labels optional), or a `Bags`
                    features_dir,  # its folder of `<slide_id>.h5` feature files

@@ -287,9 +287,10 @@ def _kappa(y, yhat) -> float:
     return float(1 - (w * cm).sum() / chance) if chance > 0 else float("nan")
 
 def _f1(y, yhat) -> np.ndarray:
+    "Each stage's F1; NaN for a stage neither true nor predicted, which the macro F1 leaves out (as scikit-learn's)."
     cm = _confusion(y, yhat); tp = np.diag(cm)
     denom = cm.sum(0) + cm.sum(1)
-    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
 
 def stage_metrics(pred: pd.DataFrame,  # one row per patient: fold, stage_index, prob_A..prob_D, pred_index
                   n_boot: int = 1000, seed: int = 0) -> dict:
@@ -298,13 +299,11 @@ def stage_metrics(pred: pd.DataFrame,  # one row per patient: fold, stage_index,
     y, p, yhat = pred.stage_index.to_numpy(int), pred[PROB_COLS].to_numpy(float), pred.pred_index.to_numpy(int)
     stats = {"auc_macro": lambda y, p, yh: auc_ovr_macro(y, p),
              "balanced_accuracy": lambda y, p, yh: _balanced_accuracy(y, yh),
-             "f1_macro": lambda y, p, yh: float(_f1(y, yh).mean()),
+             "f1_macro": lambda y, p, yh: float(np.nanmean(_f1(y, yh))),
              "kappa_quadratic": lambda y, p, yh: _kappa(y, yh)}
     def scores(i):  # every statistic from the same resample, in one pass
-        cm = _confusion(y[i], yhat[i])
-        seen = (cm.sum(0) + cm.sum(1)) > 0
         return {**{name: f(y[i], p[i], yhat[i]) for name, f in stats.items()},
-                **{f"f1_{s}": float(v) if ok else np.nan for s, v, ok in zip(STAGES, _f1(y[i], yhat[i]), seen)}}
+                **{f"f1_{s}": float(v) for s, v in zip(STAGES, _f1(y[i], yhat[i]))}}
     m = bootstrap_many(scores, len(pred), n_boot, seed)
     for name, f in stats.items():
         m[f"{name}_fold_mean"], m[f"{name}_fold_sd"] = fold_spread(

@@ -14,7 +14,7 @@ import pandas as pd
 from .core import atomic_path, write_csv
 
 # %% auto #0
-__all__ = ['save_figure', 'save_table', 'show', 'thumbnail_grid', 'km_by_group']
+__all__ = ['MODEL_LABELS', 'save_figure', 'save_table', 'show', 'thumbnail_grid', 'model_label', 'km_by_group']
 
 # %% ../nbs/70_report.ipynb #19fbaebe
 def save_figure(fig, out_dir, name: str, dpi: int = 120) -> Path:
@@ -50,6 +50,16 @@ def thumbnail_grid(images: list, titles: list[str], ncols: int = 8, size: float 
         ax.imshow(img); ax.set_title(title, fontsize=7)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/70_report.ipynb #4ccc6584
+MODEL_LABELS = {"deepattnmisl": "DeepAttnMISL", "abmil": "ABMIL (gated)", "clam_sb": "CLAM-SB",
+                "maxpool": "max-pooling MIL", "meanpool": "mean-pooled embeddings", "stage_cox": "Cox PH on the true stage"}
+
+def model_label(model: str, task: str | None = None) -> str:
+    "A model's name in figures: its paper's name for a `train_cv` key; any other name unchanged."
+    if model == "meanpool" and task in ("survival", "stage"):
+        return "mean-pool + " + ("Cox PH" if task == "survival" else "logistic regression")
+    return MODEL_LABELS.get(str(model).lower(), model)
 
 # %% ../nbs/70_report.ipynb #733de7cd
 def km_by_group(df: pd.DataFrame,  # one row per patient

@@ -14,11 +14,13 @@ import pandas as pd
 
 from ..core import WsiStudyError, atomic_path, get_logger
 from .metrics import bootstrap
+from ..manifest import STAGES
+from ..report import model_label
 from ..slides import open_slide, quiet_readers, thumbnail
 
 # %% auto #0
-__all__ = ['write_attention', 'read_attention', 'attention_heatmap', 'top_patches', 'attention_figure', 'patch_truth',
-           'localisation_auc']
+__all__ = ['TRUTH_COLOURS', 'write_attention', 'read_attention', 'attention_heatmap', 'top_patches', 'pick_slides',
+           'attention_figure', 'patch_truth', 'localisation_auc']
 
 # %% ../../nbs/18_attention.ipynb #7e173457
 _log = get_logger("wsi_study.evaluation")
@@ -43,8 +45,10 @@ def read_attention(path) -> dict:
 def attention_heatmap(slide,  # a slide path or an open WSIReader
                       coords, scores,  # level-0 top-lefts (N×2) and attention (N) of the slide's patches
                       patch_size_level0: int,
-                      ax=None, max_size: int = 768, cmap: str = "inferno", alpha: float = 0.6, title: str = ""):
-    "Attention percentiles of the patches drawn over the slide thumbnail."
+                      ax=None, max_size: int = 768, cmap: str = "inferno", alpha: float = 0.6, title: str = "",
+                      truth=None,  # a demo cohort truth file (`truth/<slide_id>.npz`): its tumour and immune regions outlined
+                     ):
+    "Attention percentiles of the patches drawn over the slide thumbnail (the true regions outlined where known)."
     reader = open_slide(slide) if isinstance(slide, (str, Path)) else slide
     img = thumbnail(reader, max_size)
     w = reader.info.slide_dimensions[0]
@@ -57,6 +61,15 @@ def attention_heatmap(slide,  # a slide path or an open WSIReader
              int(x * s):max(int((x + patch_size_level0) * s), int(x * s) + 1)] = v
     ax = ax or plt.subplots(figsize=(4, 4))[1]
     ax.imshow(img); im = ax.imshow(np.ma.masked_invalid(heat), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+    if truth is not None:
+        with np.load(truth) as t:
+            d = float(t["downsample"]) * s  # thumbnail pixels per mask pixel
+            for name, colour in TRUTH_COLOURS.items():
+                m = t[name]
+                if m.any() and not m.all():
+                    ax.contour((np.arange(m.shape[1]) + 0.5) * d, (np.arange(m.shape[0]) + 0.5) * d, m.astype(float),
+                               levels=[0.5], colors=[colour], linewidths=0.9)
+        ax.set_xlim(0, img.shape[1]); ax.set_ylim(img.shape[0], 0)  # the contours do not widen the view
     ax.set_title(title, fontsize=8); ax.axis("off")
     return ax, im
 
@@ -75,26 +88,72 @@ def top_patches(slide, coords, scores, patch_size_level0: int,
             out.append((np.ascontiguousarray(img[..., :3]), float(scores[i]), (x, y)))
     return out
 
+TRUTH_COLOURS = {"tumour": "#00e5ff", "immune": "#7cfc00"}  # outlines on the heatmaps: cyan and green on inferno
+
+def pick_slides(pred: pd.DataFrame,  # a run's predictions, one row per patient (index `patient_id`): `risk`, or `pred` and `prob_A` … `prob_D`
+                out_dir,  # the run's folder (with attention/)
+                n: int = 4,
+               ) -> list[tuple[str, str]]:
+    """(slide_id, caption) of the slides worth drawing, each patient's slide with the most patches. Survival: the
+    patients of highest risk, then those of lowest (half each). Stage: one patient per stage (true stage where the
+    patients have one, else predicted), the most confident right call first, round after round until `n`."""
+    rows = []
+    for f in sorted((Path(out_dir) / "attention").glob("*.h5")):
+        with h5py.File(f, "r") as h: rows.append((f.stem, str(h.attrs.get("patient_id", "")), len(h["coords"])))
+    slides = pd.DataFrame(rows, columns=["slide_id", "patient_id", "n_patches"])
+    slide = slides.sort_values(["n_patches", "slide_id"], ascending=[False, True]).drop_duplicates("patient_id").set_index("patient_id").slide_id
+    pred = pred[pred.index.isin(slide.index)]
+    if "risk" in pred:
+        r = pred.risk.dropna().sort_values(ascending=False, kind="stable")
+        high = list(r.index[:(n + 1) // 2])
+        chosen = high + [p for p in r.index[len(r) - n // 2:] if p not in high]
+    elif "pred" in pred:
+        truth = pred["stage"] if "stage" in pred and pred["stage"].notna().any() else pred["pred"]
+        ranked = [pred[truth == s].assign(right=lambda d: d.pred == s, p=lambda d: d[f"prob_{s}"])
+                  .sort_values(["right", "p"], ascending=False, kind="stable").index.tolist() for s in STAGES]
+        chosen = [p for i in range(max(map(len, ranked), default=0)) for p in (r[i] for r in ranked if i < len(r))][:n]
+    else: raise WsiStudyError(f"{out_dir}: predictions need a risk or a predicted stage to choose slides by")
+    def caption(p):
+        q = pred.loc[p]
+        if "risk" in pred:
+            text = f"risk {q.risk:+.2f}" + (f" ({q.group})" if isinstance(q.get("group"), str) else "")
+            if pd.notna(q.get("event")) and pd.notna(q.get("survival_months")):
+                text += f", {'died' if q.event else 'censored'} at {q.survival_months:.0f} mo"
+            return text
+        shown = f"predicted {q.pred} ({q[f'prob_{q.pred}']:.2f})"
+        return (f"true {q.stage}, " if isinstance(q.get("stage"), str) else "") + shown
+    return [(slide[p], caption(p)) for p in chosen]
+
 def attention_figure(out_dir,  # a `train_cv` output folder (with attention/)
-                     slide_ids=None,  # slides to draw; default: the first `n`
-                     n: int = 4, k: int = 6):
-    "One row per slide: the heatmap, then the `k` most attended patches."
-    files = sorted((Path(out_dir) / "attention").glob("*.h5"))
-    if slide_ids is not None: files = [Path(out_dir) / "attention" / f"{s}.h5" for s in slide_ids]
-    files = files[:n]
-    if not files: raise WsiStudyError(f"{out_dir}: no attention files; run train_cv with an attention model first")
-    fig, axes = plt.subplots(len(files), k + 1, figsize=(1.6 * (k + 1) + 1.2, 2.0 * len(files)), squeeze=False,
-                             gridspec_kw={"width_ratios": [2.2] + [1] * k})
-    for row, f in zip(axes, files):
-        a = read_attention(f)
+                     slide_ids=None,  # slides to draw; default: `pick_slides` with `pred`, else the first `n`
+                     n: int = 4, k: int = 6,
+                     pred: pd.DataFrame | None = None,  # the run's predictions: the slides `pick_slides` chooses, captioned
+                     truth_dir=None,  # the demo cohort's truth/ folder: the true tumour and immune regions outlined
+                    ):
+    "One row per slide: the heatmap (the true regions outlined where known), then the `k` most attended patches."
+    adir = Path(out_dir) / "attention"
+    picks = ([(s, "") for s in slide_ids] if slide_ids is not None else pick_slides(pred, out_dir, n) if pred is not None else [])[:n]
+    picks = picks or [(f.stem, "") for f in sorted(adir.glob("*.h5"))[:n]]
+    if not picks: raise WsiStudyError(f"{out_dir}: no attention files; run train_cv with an attention model first")
+    fig, axes = plt.subplots(len(picks), k + 1, figsize=(1.6 * (k + 1.3) + 1.0, 2.1 * len(picks)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.3] + [1] * k}, layout="constrained")
+    outlined = False
+    for row, (sid, caption) in zip(axes, picks):
+        a = read_attention(adir / f"{sid}.h5")
         for ax in row: ax.axis("off")
         reader = open_slide(a["slide_path"])
-        attention_heatmap(reader, a["coords"], a["attention"], a["patch_size_level0"], ax=row[0],
-                          title=a["slide_id"] + (f" (fold {a['fold']})" if int(a.get("fold", -1)) >= 0 else ""))  # -1: `predict`
+        truth = None if truth_dir is None else Path(truth_dir) / f"{sid}.npz"
+        truth = truth if truth is not None and truth.is_file() else None
+        outlined |= truth is not None
+        title = sid + (f" (fold {a['fold']})" if int(a.get("fold", -1)) >= 0 else "")  # -1: `predict`
+        _, im = attention_heatmap(reader, a["coords"], a["attention"], a["patch_size_level0"], ax=row[0],
+                                  title=title + (f"\n{caption}" if caption else ""), truth=truth)
         for ax, (img, v, _) in zip(row[1:], top_patches(reader, a["coords"], a["attention"], a["patch_size_level0"], k)):
             ax.imshow(img); ax.set_title(f"{v:.3f}", fontsize=7)
-    fig.suptitle(f"attention: {a.get('model', '')}, most attended patches on the right", fontsize=9)
-    fig.tight_layout()
+    fig.colorbar(im, ax=axes[:, 0], location="left", shrink=0.5, label="attention percentile within the slide")
+    regions = "; true tumour (cyan) and immune (green) regions outlined" if outlined else ""
+    fig.suptitle(f"{model_label(a.get('model', ''))}: attention on the thumbnail{regions}; "
+                 "the most attended patches on the right, with their attention", fontsize=9)
     return fig
 
 # %% ../../nbs/18_attention.ipynb #884645fa

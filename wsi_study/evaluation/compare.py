@@ -17,6 +17,7 @@ import pandas as pd
 from ..core import WsiStudyError, atomic_path
 from ..encoders import encoder_slug
 from .metrics import compare_runs
+from ..report import model_label
 
 # %% auto #0
 __all__ = ['HEADLINE', 'TRUTH_COX_LABEL', 'AXIS', 'patch_spec', 'study_features', 'shared_splits', 'keep_splits', 'ModelInputs',
@@ -138,7 +139,7 @@ def forest_plot(tables: list[pd.DataFrame], title: str = ""):
         for rows, dot, bar in ((~ceiling, "#2b6cb0", "#90cdf4"), (ceiling, "0.35", "0.8")):  # the reference in grey
             v, lo, hi = (models.loc[rows, c].to_numpy(float) for c in ("value", "ci_low", "ci_high"))
             ax.errorbar(v, y[rows], xerr=[v - lo, hi - v], fmt="o", color=dot, ecolor=bar, elinewidth=3, capsize=0)
-        ax.set_yticks(y, models.model.replace({TRUTH_COX_LABEL: "ceiling: Cox on true stage + burden"}))
+        ax.set_yticks(y, [model_label(m, t.task.iloc[0]) for m in models.model.replace({TRUTH_COX_LABEL: "ceiling: Cox on true stage + burden"})])
         label, ref = AXIS.get(key, (key, None))
         if ref is not None: ax.axvline(ref, color="grey", lw=0.8, ls=":")
         orc = t[t.model.str.startswith("oracle")]

@@ -24,7 +24,7 @@ from ..core import (WsiStudyError, atomic_path, flatten_metrics, get_logger, see
                             write_csv, write_json, write_metrics)
 from ..embedding import resolve_device
 from ..manifest import STAGES
-from ..report import km_by_group, save_figure
+from ..report import km_by_group, model_label, save_figure
 from ..models.bags import TRAIN_PREFIX, Bags, embedded_as, feature_moments, join_bags, load_bags, synthetic_bags, write_features
 from ..models.losses import cox_ph_loss, task_loss, task_predict
 from ..models.deepattnmisl import ClusterInputs, DeepAttnMISL
@@ -576,7 +576,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     pred, metrics = score(out, pred, labels, task, tdir, n_boot, seed,
                           "folds" if test_manifest is None else _truth_dir(manifest, train_truth), curves, times)
     _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold",
-             metrics.get("hr_high_low"), reference if save else None, curves, times)
+             metrics.get("hr_high_low"), reference if save else None, curves, times, None if tdir is None else tdir / "truth")
     if save: metrics["n_shifted"] = flag_shifted(list(pred.index), pred.shift_score.to_numpy())
     if "beyond_training" in pred: metrics["n_beyond_training"] = int(pred.beyond_training.sum())
     if save:
@@ -606,31 +606,33 @@ def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.D
              scored: str = "out-of-fold",  # which predictions: out-of-fold, or an external test cohort's
              hr: tuple | None = None,  # (hazard ratio, low, high) of the high-risk group, for the KM figure's title
              reference: dict | None = None,  # the model's `feature_reference`: draw every patient's `shift_score`
-             curves: dict | None = None, times: np.ndarray | None = None):  # survival: `fold_curves`, for the calibration figure
+             curves: dict | None = None, times: np.ndarray | None = None,  # survival: `fold_curves`, for the calibration figure
+             truth_dir=None):  # the demo cohort's truth/ folder: the heatmaps outline the true regions
     "KM or confusion matrix (of the patients with labels), training curves, attention heatmaps and shift scores of a run."
+    shown, name = pred, model_label(model, task)  # the heatmaps choose among every predicted patient, labelled or not
     if reference is not None and "shift_score" in pred:
         ax = plot_shift(pred.shift_score, reference); save_figure(ax.figure, out, "shift_scores"); plt.close(ax.figure)
     pred = pred.dropna(subset=["survival_months", "event"]) if task == "survival" else pred[pred.stage_index >= 0]
     if task == "survival" and pred.group.nunique() == 2:
         hr = "" if hr is None or not np.isfinite(hr[0]) else f"\nHR high/low {hr[0]:.2f} [{hr[1]:.2f}, {hr[2]:.2f}]"
-        ax, _ = km_by_group(pred, "group", title=f"{model}: {scored} risk groups{hr}")
+        ax, _ = km_by_group(pred, "group", title=f"{name}: {scored} risk groups{hr}")
         save_figure(ax.figure, out, "km_risk_groups"); plt.close(ax.figure)
     elif task == "stage" and len(pred):
-        ax = plot_confusion(pred.assign(pred_index=pred.pred.map(STAGES.index)), title=f"{model}: {scored} stage")
+        ax = plot_confusion(pred.assign(pred_index=pred.pred.map(STAGES.index)), title=f"{name}: {scored} stage")
         save_figure(ax.figure, out, "confusion_matrix"); plt.close(ax.figure)
-        ax = plot_reliability(pred, title=f"{model}: {scored} stage probabilities")
+        ax = plot_reliability(pred, title=f"{name}: {scored} stage probabilities")
         save_figure(ax.figure, out, "stage_reliability"); plt.close(ax.figure)
     if task == "survival" and curves and len(times) >= 2 and pred.event.sum() >= 2:  # as `survival_calibration` needs
         surv, km = (np.array([curves[p][k] for p in pred.index]) for k in (0, 1))
         if np.isfinite(surv).all(1).sum() >= 6:  # two patients in each third
-            fig = plot_survival_calibration(pred, surv, km, times, title=f"{model}: {scored} survival curves")
+            fig = plot_survival_calibration(pred, surv, km, times, title=f"{name}: {scored} survival curves")
             save_figure(fig, out, "survival_calibration"); plt.close(fig)
     if len(history):
         write_csv(out / "history.csv", history, index=False)
-        fig = _curves(history, f"{model} · {task}"); save_figure(fig, out, "training_curves"); plt.close(fig)
+        fig = _curves(history, f"{name} · {task}"); save_figure(fig, out, "training_curves"); plt.close(fig)
     if heatmaps and (out / "attention").is_dir():
         try:
-            fig = attention_figure(out, n=heatmaps); save_figure(fig, out, "attention_heatmaps"); plt.close(fig)
+            fig = attention_figure(out, n=heatmaps, pred=shown, truth_dir=truth_dir); save_figure(fig, out, "attention_heatmaps"); plt.close(fig)
         except (WsiStudyError, OSError, ValueError) as e:
             _log.warning(f"attention heatmaps skipped: {str(e).splitlines()[0]}")
 

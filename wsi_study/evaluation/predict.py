@@ -73,9 +73,11 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
         times = eval_times(lab.survival_months, lab.event)
         times = times if len(times) >= 2 else base["eval_times"].numpy()
         curves = patient_curves(apply_baseline(base, pred, times), bags.patients, rows)
+    tdir = _truth_dir(manifest, truth)
     pred, metrics = score(out, pd.DataFrame(rows).set_index("patient_id"), bags.labels, task,
-                          _truth_dir(manifest, truth), n_boot, seed, fit_truth=None, curves=curves, times=times)
-    _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted", metrics.get("hr_high_low"), ref, curves, times)
+                          tdir, n_boot, seed, fit_truth=None, curves=curves, times=times)
+    _figures(out, model, task, pred, pd.DataFrame(), heatmaps, "predicted", metrics.get("hr_high_low"), ref, curves, times,
+             None if tdir is None else tdir / "truth")
     metrics["n_predicted"] = len(pred)  # `n_patients`: those scored (with the task's labels)
     if r is not None: metrics["n_beyond_training"] = int(beyond.sum())
     if ref is not None: metrics["n_shifted"] = flag_shifted(bags.patients, shifts)

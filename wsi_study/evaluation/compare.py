@@ -129,7 +129,7 @@ AXIS = {"cindex": ("C-index (95% CI)", 0.5), "auc_macro": ("macro one-vs-rest AU
 
 def forest_plot(tables: list[pd.DataFrame], title: str = ""):
     "One panel per table (a task's headline, or another metric by `as_headline`): each model's value with its 95 % interval (the learned ceiling, if any, in grey; the oracle as a line)."
-    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 0.45 * max(len(t) for t in tables) + 1.4),
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.8 * len(tables), 0.45 * max(len(t) for t in tables) + 1.4),
                              squeeze=False)
     for ax, t in zip(axes[0], tables):
         key = t.metric.iloc[0]

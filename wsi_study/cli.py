@@ -14,8 +14,8 @@ from .core import WsiStudyError, get_logger, project_root
 
 # %% auto #0
 __all__ = ['cmd_validate', 'default_real_slides', 'cmd_demo_data', 'cmd_tile', 'cmd_embed', 'cmd_train', 'cmd_predict',
-           'cmd_tune', 'cmd_compare_seeds', 'cmd_summarise_seeds', 'cmd_check_default', 'bench_params', 'cmd_bench',
-           'cmd_run', 'build_parser', 'main']
+           'cmd_heatmaps', 'cmd_tune', 'cmd_compare_seeds', 'cmd_summarise_seeds', 'cmd_check_default', 'bench_params',
+           'cmd_bench', 'cmd_run', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #68503ea8
 def cmd_validate(args) -> int:
@@ -125,6 +125,15 @@ def cmd_predict(args) -> int:
     print(f"{args.out}: {int(m['n_predicted'])} patients predicted, {int(m['n_patients'])} with labels scored" + (f", {head}" if head else "")
           + (f"; {', '.join(flags)} in predictions.csv" if flags else ""))
     return 0
+
+def cmd_heatmaps(args) -> int:
+    "One attention figure per slide of a run; exit 2 when a slide could not be drawn (listed in heatmaps.csv)."
+    from wsi_study.evaluation.attention import write_heatmaps
+    t = write_heatmaps(args.run, args.slides, truth_dir=args.truth, k=args.patches, overwrite=args.overwrite, progress=not args.quiet)
+    done = t.status.value_counts()
+    print(f"{Path(args.run) / 'figures' / 'heatmaps'}: {done.get('drawn', 0)} drawn, {done.get('kept', 0)} kept from before")
+    for e in t.error[t.status == "failed"]: print(f"error: {e}", file=sys.stderr)
+    return 2 if done.get("failed", 0) else 0
 
 def cmd_tune(args) -> int:
     "A hyperparameter sweep of one model on a development cohort (not the cohort you report)."
@@ -327,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="folder for predictions.csv, metrics.json, attention/, figures/")
     pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pr.set_defaults(func=cmd_predict)
+    hm = sub.add_parser("heatmaps", help="one attention figure per slide of a run (train or predict) into RUN/figures/heatmaps/")
+    hm.add_argument("run", metavar="RUN", help="a folder written by train or predict (with attention/)")
+    hm.add_argument("--slides", nargs="+", default=None, metavar="SLIDE_ID", help="these slides only (default: every slide)")
+    hm.add_argument("--truth", default=None, metavar="DIR", help="a truth/ folder of the demo generator: outline the true tumour and immune regions")
+    hm.add_argument("--patches", type=int, default=6, help="most attended patches beside each heatmap (default 6)")
+    hm.add_argument("--overwrite", action="store_true", help="draw again the slides drawn before")
+    hm.set_defaults(func=cmd_heatmaps)
     tu = sub.add_parser("tune", help="hyperparameter sweep of a MIL model on a development cohort")
     mil_args(tu, "the development cohort's manifest (not the cohort whose results you report)")
     tu.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",

@@ -12,15 +12,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..core import WsiStudyError, atomic_path, get_logger
+from ..core import WsiStudyError, atomic_path, get_logger, write_csv
 from .metrics import bootstrap
 from ..manifest import STAGES
-from ..report import model_label
+from ..report import model_label, save_figure
 from ..slides import open_slide, quiet_readers, thumbnail
 
 # %% auto #0
-__all__ = ['TRUTH_COLOURS', 'write_attention', 'read_attention', 'attention_heatmap', 'top_patches', 'pick_slides',
-           'attention_figure', 'patch_truth', 'localisation_auc']
+__all__ = ['TRUTH_COLOURS', 'write_attention', 'read_attention', 'attention_heatmap', 'top_patches', 'pick_slides', 'caption',
+           'attention_figure', 'write_heatmaps', 'patch_truth', 'localisation_auc']
 
 # %% ../../nbs/18_attention.ipynb #7e173457
 _log = get_logger("wsi_study.evaluation")
@@ -93,8 +93,8 @@ TRUTH_COLOURS = {"tumour": "#00e5ff", "immune": "#7cfc00"}  # outlines on the he
 def pick_slides(pred: pd.DataFrame,  # a run's predictions, one row per patient (index `patient_id`): `risk`, or `pred` and `prob_A` … `prob_D`
                 out_dir,  # the run's folder (with attention/)
                 n: int = 4,
-               ) -> list[tuple[str, str]]:
-    """(slide_id, caption) of the slides worth drawing, each patient's slide with the most patches. Survival: the
+               ) -> list[str]:
+    """The slides worth drawing, each patient's slide with the most patches. Survival: the
     patients of highest risk, then those of lowest (half each). Stage: one patient per stage (true stage where the
     patients have one, else predicted), the most confident right call first, round after round until `n`."""
     rows = []
@@ -113,16 +113,20 @@ def pick_slides(pred: pd.DataFrame,  # a run's predictions, one row per patient 
                   .sort_values(["right", "p"], ascending=False, kind="stable").index.tolist() for s in STAGES]
         chosen = [p for i in range(max(map(len, ranked), default=0)) for p in (r[i] for r in ranked if i < len(r))][:n]
     else: raise WsiStudyError(f"{out_dir}: predictions need a risk or a predicted stage to choose slides by")
-    def caption(p):
-        q = pred.loc[p]
-        if "risk" in pred:
-            text = f"risk {q.risk:+.2f}" + (f" ({q.group})" if isinstance(q.get("group"), str) else "")
-            if pd.notna(q.get("event")) and pd.notna(q.get("survival_months")):
-                text += f", {'died' if q.event else 'censored'} at {q.survival_months:.0f} mo"
-            return text
-        shown = f"predicted {q.pred} ({q[f'prob_{q.pred}']:.2f})"
-        return (f"true {q.stage}, " if isinstance(q.get("stage"), str) else "") + shown
-    return [(slide[p], caption(p)) for p in chosen]
+    return [slide[p] for p in chosen]
+
+def caption(pred: pd.DataFrame | None, patient_id: str) -> str:
+    "A patient's prediction in words (with the outcome or the true stage where known); empty without a prediction."
+    if pred is None or patient_id not in pred.index: return ""
+    q = pred.loc[patient_id]
+    if "risk" in pred:
+        text = f"risk {q.risk:+.2f}" + (f" ({q.group})" if isinstance(q.get("group"), str) else "")
+        if pd.notna(q.get("event")) and pd.notna(q.get("survival_months")):
+            text += f", {'died' if q.event else 'censored'} at {q.survival_months:.0f} mo"
+        return text
+    if not isinstance(q.get("pred"), str): return ""
+    shown = f"predicted {q.pred} ({q[f'prob_{q.pred}']:.2f})"
+    return (f"true {q.stage}, " if isinstance(q.get("stage"), str) else "") + shown
 
 def attention_figure(out_dir,  # a `train_cv` output folder (with attention/)
                      slide_ids=None,  # slides to draw; default: `pick_slides` with `pred`, else the first `n`
@@ -132,14 +136,15 @@ def attention_figure(out_dir,  # a `train_cv` output folder (with attention/)
                     ):
     "One row per slide: the heatmap (the true regions outlined where known), then the `k` most attended patches."
     adir = Path(out_dir) / "attention"
-    picks = ([(s, "") for s in slide_ids] if slide_ids is not None else pick_slides(pred, out_dir, n) if pred is not None else [])[:n]
-    picks = picks or [(f.stem, "") for f in sorted(adir.glob("*.h5"))[:n]]
+    picks = (list(slide_ids) if slide_ids is not None else pick_slides(pred, out_dir, n) if pred is not None else [])[:n]
+    picks = picks or [f.stem for f in sorted(adir.glob("*.h5"))[:n]]
     if not picks: raise WsiStudyError(f"{out_dir}: no attention files; run train_cv with an attention model first")
-    fig, axes = plt.subplots(len(picks), k + 1, figsize=(1.6 * (k + 1.3) + 1.0, 2.1 * len(picks)), squeeze=False,
+    fig, axes = plt.subplots(len(picks), k + 1, figsize=(1.6 * (k + 1.3) + 1.0, 2.1 * len(picks) + 0.5), squeeze=False,
                              gridspec_kw={"width_ratios": [1.3] + [1] * k}, layout="constrained")
     outlined = False
-    for row, (sid, caption) in zip(axes, picks):
+    for row, sid in zip(axes, picks):
         a = read_attention(adir / f"{sid}.h5")
+        words = caption(pred, str(a.get("patient_id", "")))
         for ax in row: ax.axis("off")
         reader = open_slide(a["slide_path"])
         truth = None if truth_dir is None else Path(truth_dir) / f"{sid}.npz"
@@ -147,14 +152,47 @@ def attention_figure(out_dir,  # a `train_cv` output folder (with attention/)
         outlined |= truth is not None
         title = sid + (f" (fold {a['fold']})" if int(a.get("fold", -1)) >= 0 else "")  # -1: `predict`
         _, im = attention_heatmap(reader, a["coords"], a["attention"], a["patch_size_level0"], ax=row[0],
-                                  title=title + (f"\n{caption}" if caption else ""), truth=truth)
+                                  title=title + (f"\n{words}" if words else ""), truth=truth)
         for ax, (img, v, _) in zip(row[1:], top_patches(reader, a["coords"], a["attention"], a["patch_size_level0"], k)):
             ax.imshow(img); ax.set_title(f"{v:.3f}", fontsize=7)
-    fig.colorbar(im, ax=axes[:, 0], location="left", shrink=0.5, label="attention percentile within the slide")
+    fig.colorbar(im, ax=axes[:, 0], location="left", shrink=0.5 if len(picks) > 1 else 0.8,
+                 label="attention percentile in the slide" if len(picks) > 1 else "attention\npercentile")
     regions = "; true tumour (cyan) and immune (green) regions outlined" if outlined else ""
-    fig.suptitle(f"{model_label(a.get('model', ''))}: attention on the thumbnail{regions}; "
+    fig.suptitle(f"{model_label(a.get('model', ''))}: attention on the thumbnail{regions};\n"
                  "the most attended patches on the right, with their attention", fontsize=9)
     return fig
+
+# %% ../../nbs/18_attention.ipynb #45a4b3d9
+def write_heatmaps(out_dir,  # a `train_cv` or `predict` output folder (with attention/; predictions.csv for the captions)
+                   slide_ids=None,  # the slides to draw; default: every slide with an attention file
+                   truth_dir=None,  # the demo cohort's truth/ folder: the true tumour and immune regions outlined
+                   k: int = 6,  # most attended patches beside each heatmap
+                   overwrite: bool = False,  # draw again the slides already drawn
+                   progress: bool = True,
+                  ) -> pd.DataFrame:
+    "One figure per slide, `figures/heatmaps/<slide_id>.png`; returns (and writes as heatmaps.csv) each slide's status: drawn, kept or failed."
+    from tqdm.auto import tqdm
+    out, adir = Path(out_dir), Path(out_dir) / "attention"
+    if not adir.is_dir(): raise WsiStudyError(f"{out}: no attention/ folder; heatmaps need a run of an attention model (wsi-study train or predict)")
+    ids = list(slide_ids) if slide_ids is not None else sorted(f.stem for f in adir.glob("*.h5"))
+    if missing := [s for s in ids if not (adir / f"{s}.h5").is_file()]:
+        raise WsiStudyError(f"{out}: no attention for slide {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; "
+                            f"the run has {len(list(adir.glob('*.h5')))} slides in attention/")
+    pred = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str}).set_index("patient_id") if (out / "predictions.csv").is_file() else None
+    rows = []
+    for s in tqdm(ids, desc="heatmaps", disable=not progress):
+        png = out / "figures" / "heatmaps" / f"{s}.png"
+        if png.is_file() and not overwrite: rows.append((s, "kept", "")); continue
+        try:
+            fig = attention_figure(out, [s], n=1, k=k, pred=pred, truth_dir=truth_dir)
+        except (WsiStudyError, OSError, ValueError) as e:
+            msg = f"{s}: {str(e).splitlines()[0] or type(e).__name__}"
+            _log.warning(f"heatmap not drawn: {msg}"); rows.append((s, "failed", msg)); continue
+        save_figure(fig, out, f"heatmaps/{s}"); plt.close(fig)
+        rows.append((s, "drawn", ""))
+    table = pd.DataFrame(rows, columns=["slide_id", "status", "error"])
+    write_csv(out / "figures" / "heatmaps" / "heatmaps.csv", table, index=False)
+    return table
 
 # %% ../../nbs/18_attention.ipynb #884645fa
 def patch_truth(truth_npz,  # a demo cohort truth file

@@ -142,19 +142,22 @@ def attention_figure(out_dir,  # a `train_cv` output folder (with attention/)
     fig, axes = plt.subplots(len(picks), k + 1, figsize=(1.6 * (k + 1.3) + 1.0, 2.1 * len(picks) + 0.5), squeeze=False,
                              gridspec_kw={"width_ratios": [1.3] + [1] * k}, layout="constrained")
     outlined = False
-    for row, sid in zip(axes, picks):
-        a = read_attention(adir / f"{sid}.h5")
-        words = caption(pred, str(a.get("patient_id", "")))
-        for ax in row: ax.axis("off")
-        reader = open_slide(a["slide_path"])
-        truth = None if truth_dir is None else Path(truth_dir) / f"{sid}.npz"
-        truth = truth if truth is not None and truth.is_file() else None
-        outlined |= truth is not None
-        title = sid + (f" (fold {a['fold']})" if int(a.get("fold", -1)) >= 0 else "")  # -1: `predict`
-        _, im = attention_heatmap(reader, a["coords"], a["attention"], a["patch_size_level0"], ax=row[0],
-                                  title=title + (f"\n{words}" if words else ""), truth=truth)
-        for ax, (img, v, _) in zip(row[1:], top_patches(reader, a["coords"], a["attention"], a["patch_size_level0"], k)):
-            ax.imshow(img); ax.set_title(f"{v:.3f}", fontsize=7)
+    try:
+        for row, sid in zip(axes, picks):
+            a = read_attention(adir / f"{sid}.h5")
+            words = caption(pred, str(a.get("patient_id", "")))
+            for ax in row: ax.axis("off")
+            reader = open_slide(a["slide_path"])
+            truth = None if truth_dir is None else Path(truth_dir) / f"{sid}.npz"
+            truth = truth if truth is not None and truth.is_file() else None
+            outlined |= truth is not None
+            title = sid + (f" (fold {a['fold']})" if int(a.get("fold", -1)) >= 0 else "")  # -1: `predict`
+            _, im = attention_heatmap(reader, a["coords"], a["attention"], a["patch_size_level0"], ax=row[0],
+                                      title=title + (f"\n{words}" if words else ""), truth=truth)
+            for ax, (img, v, _) in zip(row[1:], top_patches(reader, a["coords"], a["attention"], a["patch_size_level0"], k)):
+                ax.imshow(img); ax.set_title(f"{v:.3f}", fontsize=7)
+    except BaseException:
+        plt.close(fig); raise  # a slide that cannot be drawn leaves no open figure behind (write_heatmaps goes on)
     fig.colorbar(im, ax=axes[:, 0], location="left", shrink=0.5 if len(picks) > 1 else 0.8,
                  label="attention percentile in the slide" if len(picks) > 1 else "attention\npercentile")
     regions = "; true tumour (cyan) and immune (green) regions outlined" if outlined else ""

@@ -129,7 +129,8 @@ def cmd_predict(args) -> int:
 def cmd_heatmaps(args) -> int:
     "One attention figure per slide of a run; exit 2 when a slide could not be drawn (listed in heatmaps.csv)."
     from wsi_study.evaluation.attention import write_heatmaps
-    t = write_heatmaps(args.run, args.slides, truth_dir=args.truth, k=args.patches, overwrite=args.overwrite, progress=not args.quiet)
+    t = write_heatmaps(args.run, args.slides, truth_dir=args.truth, k=args.patches, overwrite=args.overwrite,
+                       progress=not args.quiet, geojson=not args.no_geojson)
     done = t.status.value_counts()
     print(f"{Path(args.run) / 'figures' / 'heatmaps'}: {done.get('drawn', 0)} drawn, {done.get('kept', 0)} kept from before")
     for e in t.error[t.status == "failed"]: print(f"error: {e}", file=sys.stderr)
@@ -342,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("--truth", default=None, metavar="DIR", help="a truth/ folder of the demo generator: outline the true tumour and immune regions")
     hm.add_argument("--patches", type=int, default=6, help="most attended patches beside each heatmap (default 6)")
     hm.add_argument("--overwrite", action="store_true", help="draw again the slides drawn before")
+    hm.add_argument("--no-geojson", action="store_true", help="the figures only, without each slide's patches as GeoJSON for QuPath")
     hm.set_defaults(func=cmd_heatmaps)
     tu = sub.add_parser("tune", help="hyperparameter sweep of a MIL model on a development cohort")
     mil_args(tu, "the development cohort's manifest (not the cohort whose results you report)")

@@ -5,6 +5,7 @@
 # %% ../../nbs/18_attention.ipynb #23269565
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -20,7 +21,7 @@ from ..slides import open_slide, quiet_readers, thumbnail
 
 # %% auto #0
 __all__ = ['TRUTH_COLOURS', 'write_attention', 'read_attention', 'attention_heatmap', 'top_patches', 'pick_slides', 'caption',
-           'attention_figure', 'write_heatmaps', 'patch_truth', 'localisation_auc']
+           'attention_figure', 'write_heatmaps', 'attention_geojson', 'patch_truth', 'localisation_auc']
 
 # %% ../../nbs/18_attention.ipynb #7e173457
 _log = get_logger("wsi_study.evaluation")
@@ -172,6 +173,7 @@ def write_heatmaps(out_dir,  # a `train_cv` or `predict` output folder (with att
                    k: int = 6,  # most attended patches beside each heatmap
                    overwrite: bool = False,  # draw again the slides already drawn
                    progress: bool = True,
+                   geojson: bool = True,  # also `<slide_id>.geojson` (`attention_geojson`), for QuPath
                   ) -> pd.DataFrame:
     "One figure per slide, `figures/heatmaps/<slide_id>.png`; returns (and writes as heatmaps.csv) each slide's status: drawn, kept or failed."
     from tqdm.auto import tqdm
@@ -192,10 +194,25 @@ def write_heatmaps(out_dir,  # a `train_cv` or `predict` output folder (with att
             msg = f"{s}: {str(e).splitlines()[0] or type(e).__name__}"
             _log.warning(f"heatmap not drawn: {msg}"); rows.append((s, "failed", msg)); continue
         save_figure(fig, out, f"heatmaps/{s}"); plt.close(fig)
+        if geojson:
+            with atomic_path(png.with_suffix(".geojson")) as tmp: tmp.write_text(json.dumps(attention_geojson(adir / f"{s}.h5")))
         rows.append((s, "drawn", ""))
     table = pd.DataFrame(rows, columns=["slide_id", "status", "error"])
     write_csv(out / "figures" / "heatmaps" / "heatmaps.csv", table, index=False)
     return table
+
+def attention_geojson(path,  # an attention file, attention/<slide_id>.h5
+                     ) -> dict:
+    "A slide's patches as a GeoJSON FeatureCollection of QuPath tiles (level-0 pixels) measured by their attention and its percentile in the slide."
+    a = read_attention(path)
+    s, att = int(a["patch_size_level0"]), np.asarray(a["attention"], dtype=float)
+    pct = (att.argsort().argsort() + 0.5) / max(len(att), 1)  # as the heatmaps colour them
+    feats = [{"type": "Feature",
+              "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]]},
+              "properties": {"objectType": "tile", "name": f"patch {i}",
+                             "measurements": {"attention": float(v), "attention percentile": float(p)}}}
+             for i, ((x, y), v, p) in enumerate(zip(np.asarray(a["coords"]).tolist(), att, pct))]
+    return {"type": "FeatureCollection", "features": feats}
 
 # %% ../../nbs/18_attention.ipynb #884645fa
 def patch_truth(truth_npz,  # a demo cohort truth file

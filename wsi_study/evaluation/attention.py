@@ -20,8 +20,9 @@ from ..report import model_label, save_figure
 from ..slides import open_slide, quiet_readers, thumbnail
 
 # %% auto #0
-__all__ = ['TRUTH_COLOURS', 'write_attention', 'read_attention', 'attention_heatmap', 'top_patches', 'pick_slides', 'caption',
-           'attention_figure', 'write_heatmaps', 'attention_geojson', 'patch_truth', 'localisation_auc']
+__all__ = ['TRUTH_COLOURS', 'write_attention', 'read_attention', 'attention_percentile', 'attention_heatmap', 'top_patches',
+           'pick_slides', 'caption', 'attention_figure', 'write_heatmaps', 'attention_geojson', 'patch_truth',
+           'localisation_auc']
 
 # %% ../../nbs/18_attention.ipynb #7e173457
 _log = get_logger("wsi_study.evaluation")
@@ -43,6 +44,11 @@ def read_attention(path) -> dict:
         return {"attention": f["attention"][:], "coords": f["coords"][:], **dict(f.attrs)}
 
 # %% ../../nbs/18_attention.ipynb #3e841146
+def attention_percentile(scores) -> np.ndarray:
+    "Each patch's attention as its percentile among the slide's patches, in (0, 1): what the heatmaps colour and the GeoJSON measures."
+    scores = np.asarray(scores, dtype=float)
+    return (scores.argsort(kind="stable").argsort() + 0.5) / max(len(scores), 1)
+
 def attention_heatmap(slide,  # a slide path or an open WSIReader
                       coords, scores,  # level-0 top-lefts (N×2) and attention (N) of the slide's patches
                       patch_size_level0: int,
@@ -54,8 +60,7 @@ def attention_heatmap(slide,  # a slide path or an open WSIReader
     img = thumbnail(reader, max_size)
     w = reader.info.slide_dimensions[0]
     s = img.shape[1] / w
-    scores = np.asarray(scores, dtype=float)
-    pct = (scores.argsort().argsort() + 0.5) / max(len(scores), 1)
+    pct = attention_percentile(scores)
     heat = np.full(img.shape[:2], np.nan)
     for (x, y), v in zip(np.asarray(coords), pct):
         heat[int(y * s):max(int((y + patch_size_level0) * s), int(y * s) + 1),
@@ -206,7 +211,7 @@ def attention_geojson(path,  # an attention file, attention/<slide_id>.h5
     "A slide's patches as a GeoJSON FeatureCollection of QuPath tiles (level-0 pixels) measured by their attention and its percentile in the slide."
     a = read_attention(path)
     s, att = int(a["patch_size_level0"]), np.asarray(a["attention"], dtype=float)
-    pct = (att.argsort().argsort() + 0.5) / max(len(att), 1)  # as the heatmaps colour them
+    pct = attention_percentile(att)
     feats = [{"type": "Feature",
               "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]]},
               "properties": {"objectType": "tile", "name": f"patch {i}",

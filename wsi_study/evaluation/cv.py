@@ -474,14 +474,21 @@ def _training_truth(gt: pd.DataFrame, pred: pd.DataFrame, labels: pd.DataFrame, 
     fit = labels.drop(index=pred.index)[["survival_months", "event"]].assign(fold=-1)  # no `risk`: NaN in the concat
     return pd.concat([patient_truth(tdir / "truth.csv").rename(index=lambda p: TRAIN_PREFIX + p), gt]), pd.concat([fit, pred])
 
-def _curves(history: pd.DataFrame, title: str):
+def _curves(history: pd.DataFrame, title: str,
+            best: dict | None = None):  # fold -> the epoch its networks kept (the members' mean, had they stopped on their own)
+    "Each fold's training and validation loss, the members' mean (what stopping together watches), the kept epoch dotted."
     if "refit" in history: history = history[history.refit != True]  # refits have no validation curve  # noqa: E712
-    if "member" in history: history = history[history.member == 0]  # an ensemble: the first member's curves
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for f, g in history.groupby("fold"):
-        line, = ax.plot(g.epoch, g.train_loss, lw=1, label=f"fold {f} train")
-        ax.plot(g.epoch, g.val_loss, lw=1, ls="--", color=line.get_color(), label=f"fold {f} val")
-    ax.set_xlabel("epoch"); ax.set_ylabel("loss"); ax.set_title(title, fontsize=9); ax.legend(fontsize=6, ncol=2)
+    mean = history.groupby(["fold", "epoch"])[["train_loss", "val_loss"]].mean().reset_index()
+    fig, (tr, va) = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
+    for f, g in mean.groupby("fold"):
+        line, = tr.plot(g.epoch, g.train_loss, lw=1, label=f"fold {f}")
+        va.plot(g.epoch, g.val_loss, lw=1, color=line.get_color())
+        if best and best.get(f) is not None: va.axvline(best[f], color=line.get_color(), lw=0.9, ls=":")
+    tr.set(xlabel="epoch", ylabel="loss", title="training loss (every term)")
+    va.set(xlabel="epoch", title="validation loss (what early stopping watches); kept epoch dotted")
+    for ax in (tr, va): ax.title.set_fontsize(9)
+    tr.legend(fontsize=7); fig.suptitle(title + (" · mean over the ensemble's members" if "member" in history and history.member.nunique() > 1 else ""), fontsize=10)
+    fig.tight_layout()
     return fig
 
 def _write_attention(out: Path, bags: Bags, test_idx, atts, fold: int, model: str):
@@ -576,7 +583,8 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     pred, metrics = score(out, pred, labels, task, tdir, n_boot, seed,
                           "folds" if test_manifest is None else _truth_dir(manifest, train_truth), curves, times)
     _figures(out, model, task, pred, pd.DataFrame(history), heatmaps, "test cohort" if test_manifest is not None else "out-of-fold",
-             metrics.get("hr_high_low"), reference if save else None, curves, times, None if tdir is None else tdir / "truth")
+             metrics.get("hr_high_low"), reference if save else None, curves, times, None if tdir is None else tdir / "truth",
+             dict(zip(sorted(sp.fold.unique()), best_epochs)))
     if save: metrics["n_shifted"] = flag_shifted(list(pred.index), pred.shift_score.to_numpy())
     if "beyond_training" in pred: metrics["n_beyond_training"] = int(pred.beyond_training.sum())
     if save:
@@ -607,7 +615,8 @@ def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.D
              hr: tuple | None = None,  # (hazard ratio, low, high) of the high-risk group, for the KM figure's title
              reference: dict | None = None,  # the model's `feature_reference`: draw every patient's `shift_score`
              curves: dict | None = None, times: np.ndarray | None = None,  # survival: `fold_curves`, for the calibration figure
-             truth_dir=None):  # the demo cohort's truth/ folder: the heatmaps outline the true regions
+             truth_dir=None,  # the demo cohort's truth/ folder: the heatmaps outline the true regions
+             best_epochs: dict | None = None):  # fold -> the epoch kept, dotted on the training curves
     "KM or confusion matrix (of the patients with labels), training curves, attention heatmaps and shift scores of a run."
     shown, name = pred, model_label(model, task)  # the heatmaps choose among every predicted patient, labelled or not
     if reference is not None and "shift_score" in pred:
@@ -629,7 +638,7 @@ def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.D
             save_figure(fig, out, "survival_calibration"); plt.close(fig)
     if len(history):
         write_csv(out / "history.csv", history, index=False)
-        fig = _curves(history, f"{name} · {task}"); save_figure(fig, out, "training_curves"); plt.close(fig)
+        fig = _curves(history, f"{name} · {task}", best_epochs); save_figure(fig, out, "training_curves"); plt.close(fig)
     if heatmaps and (out / "attention").is_dir():
         try:
             fig = attention_figure(out, n=heatmaps, pred=shown, truth_dir=truth_dir); save_figure(fig, out, "attention_heatmaps"); plt.close(fig)

@@ -624,7 +624,8 @@ def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.D
     pred = pred.dropna(subset=["survival_months", "event"]) if task == "survival" else pred[pred.stage_index >= 0]
     if task == "survival" and pred.group.nunique() == 2:
         hr = "" if hr is None or not np.isfinite(hr[0]) else f"\nHR high/low {hr[0]:.2f} [{hr[1]:.2f}, {hr[2]:.2f}]"
-        ax, _ = km_by_group(pred, "group", title=f"{name}: {scored} risk groups{hr}")
+        ax, _ = km_by_group(pred.assign(**{"predicted risk": pred.group}), "predicted risk",  # legend: "predicted risk high (n=23)"
+                            title=f"{name}: {scored} risk groups{hr}")
         save_figure(ax.figure, out, "km_risk_groups"); plt.close(ax.figure)
     elif task == "stage" and len(pred):
         ax = plot_confusion(pred.assign(pred_index=pred.pred.map(STAGES.index)), title=f"{name}: {scored} stage")

@@ -180,7 +180,7 @@ def write_heatmaps(out_dir,  # a `train_cv` or `predict` output folder (with att
                    progress: bool = True,
                    geojson: bool = True,  # also `<slide_id>.geojson` (`attention_geojson`), for QuPath
                   ) -> pd.DataFrame:
-    "One figure per slide, `figures/heatmaps/<slide_id>.png`; returns (and writes as heatmaps.csv) each slide's status: drawn, kept or failed."
+    "One figure per slide, `figures/heatmaps/<slide_id>.png`; returns this call's status of each slide (drawn, kept or failed); heatmaps.csv keeps it beside earlier calls' other slides."
     from tqdm.auto import tqdm
     out, adir = Path(out_dir), Path(out_dir) / "attention"
     if not adir.is_dir(): raise WsiStudyError(f"{out}: no attention/ folder; heatmaps need a run of an attention model (wsi-study train or predict)")
@@ -202,8 +202,12 @@ def write_heatmaps(out_dir,  # a `train_cv` or `predict` output folder (with att
         if geojson:
             with atomic_path(png.with_suffix(".geojson")) as tmp: tmp.write_text(json.dumps(attention_geojson(adir / f"{s}.h5")))
         rows.append((s, "drawn", ""))
-    table = pd.DataFrame(rows, columns=["slide_id", "status", "error"])
-    write_csv(out / "figures" / "heatmaps" / "heatmaps.csv", table, index=False)
+    table, csv = pd.DataFrame(rows, columns=["slide_id", "status", "error"]), out / "figures" / "heatmaps" / "heatmaps.csv"
+    if csv.is_file():  # a call on some slides leaves the other slides' rows as they were
+        old = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        table_all = pd.concat([old[~old.slide_id.isin(ids)], table]).sort_values("slide_id", kind="stable")
+    else: table_all = table
+    write_csv(csv, table_all, index=False)
     return table
 
 def attention_geojson(path,  # an attention file, attention/<slide_id>.h5

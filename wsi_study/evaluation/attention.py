@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -20,9 +21,9 @@ from ..report import model_label, save_figure
 from ..slides import open_slide, quiet_readers, thumbnail
 
 # %% auto #0
-__all__ = ['TRUTH_COLOURS', 'write_attention', 'read_attention', 'attention_percentile', 'attention_heatmap', 'top_patches',
-           'pick_slides', 'caption', 'attention_figure', 'write_heatmaps', 'attention_geojson', 'patch_truth',
-           'localisation_auc']
+__all__ = ['TRUTH_COLOURS', 'write_attention', 'clear_attention', 'read_attention', 'attention_percentile', 'attention_heatmap',
+           'top_patches', 'pick_slides', 'caption', 'attention_figure', 'write_heatmaps', 'attention_geojson',
+           'patch_truth', 'localisation_auc']
 
 # %% ../../nbs/18_attention.ipynb #7e173457
 _log = get_logger("wsi_study.evaluation")
@@ -37,6 +38,10 @@ def write_attention(out_dir, slide_id: str, attention, coords, patch_size_level0
             f.attrs.update(patch_size_level0=int(patch_size_level0), slide_id=slide_id,
                            **{k: ("" if v is None else v) for k, v in attrs.items()})
     return path
+
+def clear_attention(out_dir):
+    "Remove a run folder's `attention/` and per-slide `figures/heatmaps/`: a folder reused by a new run keeps none of the last run's."
+    for d in (Path(out_dir) / "attention", Path(out_dir) / "figures" / "heatmaps"): shutil.rmtree(d, ignore_errors=True)
 
 def read_attention(path) -> dict:
     "The attention, coords and attributes of an attention file."

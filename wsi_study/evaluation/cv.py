@@ -10,7 +10,6 @@ import copy
 import inspect
 import numbers
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from .metrics import PROB_COLS, plot_confusion, stage_metrics, survival_metrics,
 from .shift import feature_reference, flag_beyond, flag_shifted, plot_shift, shift_score
 from .calibration import (eval_times, plot_reliability, plot_survival_calibration, risk_to_survival,
                                               stage_calibration, survival_calibration)
-from .attention import attention_figure, localisation_auc, write_attention
+from .attention import attention_figure, clear_attention, localisation_auc, write_attention
 
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'model_params', 'other_task',
@@ -544,7 +543,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     else: sp = load_splits(splits, bags.labels, task)
     labels = bags.labels
     save_splits(sp, out / "splits.csv")
-    shutil.rmtree(out / "attention", ignore_errors=True)
+    clear_attention(out)  # a reused folder keeps no other run's attention or per-slide heatmaps
     cache = {"mean": mean_embeddings(bags)} if model == "meanpool" else None
     save = test_manifest is not None and model in (*NETS, "meanpool") and not hp.get("stack")  # the final model: written to model.pt
     if test_manifest is not None and not save:

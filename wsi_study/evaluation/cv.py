@@ -38,10 +38,10 @@ from .calibration import (eval_times, plot_reliability, plot_survival_calibratio
 from .attention import attention_figure, clear_attention, localisation_auc, write_attention
 
 # %% auto #0
-__all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'model_params', 'other_task',
-           'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict', 'inner_risks',
-           'fit_fold', 'stack_risk', 'member_splits', 'save_model', 'load_model', 'pred_rows', 'fold_curves',
-           'patient_curves', 'score', 'train_cv', 'write_synthetic_cohort', 'bench_mil']
+__all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'RUN_FIGURES', 'model_params',
+           'other_task', 'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict',
+           'inner_risks', 'fit_fold', 'stack_risk', 'member_splits', 'save_model', 'load_model', 'pred_rows',
+           'fold_curves', 'patient_curves', 'score', 'train_cv', 'clear_run', 'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -543,7 +543,7 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     else: sp = load_splits(splits, bags.labels, task)
     labels = bags.labels
     save_splits(sp, out / "splits.csv")
-    clear_attention(out)  # a reused folder keeps no other run's attention or per-slide heatmaps
+    clear_run(out)  # a reused folder keeps no other run's attention, heatmaps or conditional figures
     cache = {"mean": mean_embeddings(bags)} if model == "meanpool" else None
     save = test_manifest is not None and model in (*NETS, "meanpool") and not hp.get("stack")  # the final model: written to model.pt
     if test_manifest is not None and not save:
@@ -608,6 +608,14 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
     write_json(out / "params.json", {"model": model, "task": task, "device": str(dev), "seconds": seconds, **hp,
                                      **({"test_manifest": str(test_manifest)} if isinstance(test_manifest, (str, Path)) else {})})
     return {**flatten_metrics(metrics), "seconds": seconds}
+
+RUN_FIGURES = ("shift_scores", "km_risk_groups", "confusion_matrix", "stage_reliability", "survival_calibration",
+               "training_curves", "attention_heatmaps")  # what `_figures` may write, each only when the run has it
+
+def clear_run(out: Path):
+    "Remove what a run writes only when it has it (attention, heatmaps, `RUN_FIGURES`, history.csv): a reused folder shows no earlier run's."
+    clear_attention(out)
+    for f in [out / "history.csv", *(out / "figures" / f"{n}.png" for n in RUN_FIGURES)]: f.unlink(missing_ok=True)
 
 def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.DataFrame, heatmaps: int,
              scored: str = "out-of-fold",  # which predictions: out-of-fold, or an external test cohort's

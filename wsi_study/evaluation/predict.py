@@ -18,8 +18,7 @@ from ..models.bags import Bags, check_alike, embedded_as, load_bags
 from ..models.baselines import MeanPoolBaseline, mean_embeddings
 from ..models.deepattnmisl import ClusterInputs
 from ..models.losses import task_predict
-from .attention import clear_attention
-from .cv import _figures, _truth_dir, _write_attention, load_model, make_net, patient_curves, pred_rows, predict, score
+from .cv import _figures, clear_run, _truth_dir, _write_attention, load_model, make_net, patient_curves, pred_rows, predict, score
 from .shift import flag_beyond, flag_shifted, shift_score
 from .calibration import apply_baseline, eval_times
 
@@ -44,7 +43,7 @@ def predict_cohort(model_path,  # a model.pt written by an external validation
                 f"{features_dir} (model {model_path})")
     out, dev = Path(out_dir), resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
-    clear_attention(out)  # a folder used before keeps no other model's attention or per-slide heatmaps
+    clear_run(out)  # a folder used before keeps no other model's attention, heatmaps or conditional figures
     idx, preds, atts = np.arange(len(bags)), [], []
     if model == "meanpool":  # a linear model of the mean embedding: no members, no attention
         preds.append(MeanPoolBaseline.from_state(b["baseline"]).predict(mean_embeddings(bags)))

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install study demo test export clean-results bench gpu-check tune repeats external twins check tiling-check baseline-check curves-check draws cohorts lock
+.PHONY: install study demo test export clean-results bench gpu-check tune repeats external twins check tiling-check baseline-check curves-check draws cohorts sizes lock
 
 install: $(STAMP)
 
@@ -114,6 +114,11 @@ SMALL := demo demo_small_dev demo_small_dev3 $(DRAWS)
 cohorts: install  ## after make repeats, twins and draws: DeepAttnMISL's ten-seed means on each demo-sized cohort, one row each (seconds)
 	$(BIN)/wsi-study summarise-seeds $(foreach c,$(SMALL),results/$(c)/repeats/deepattnmisl_survival) \
 		--target "oracle_gap<=0.05" --target "localisation_auc>=0.85" --out results/cohorts
+
+sizes: install  ## DeepAttnMISL on random subsets of 40, 80 and 120 patients of a fresh 160-patient draw (demo_sizes) and on all of it: the gap to the oracle against the cohort's size, evaluation only (~30 min here, 8 of them building its features)
+	$(BIN)/wsi-study run configs/study.yaml --cohort demo_sizes --only 10_tiling --only 20_embedding --out results
+	$(BIN)/python -c "from wsi_study.evaluation.tune import size_curve; size_curve('data/demo_sizes/manifest.csv', \
+		'results/demo_sizes/features/2mpp_224px_0px/efficientnet_lite0', out_dir='results/demo_sizes/sizes')"
 
 CHECK_NAME ?= candidate
 CHECK_GRID ?=

@@ -21,12 +21,12 @@ from ..encoders import file_sha256, tensors_sha256
 from .cv import _truth_dir, model_params, train_cv
 from .compare import HEADLINE  # the one headline metric per task, as the model comparison uses
 from ..models.bags import Bags, load_bags
-from ..report import save_figure
+from ..report import model_label, save_figure
 
 # %% auto #0
 __all__ = ['SEED_METRICS', 'TRUTH_METRICS', 'SUMMARY_METRICS', 'parse_grid', 'config_name', 'settings_key', 'data_fingerprint',
            'code_fingerprint', 'sweep', 'run_dir', 'repeat_cv', 'parse_target', 'compare_repeats', 'rule_verdict',
-           'check_default', 'summarise_cohorts']
+           'check_default', 'summarise_cohorts', 'size_curve']
 
 # %% ../../nbs/21_tune.ipynb #d1e2f006
 _log = get_logger("wsi_study.evaluation")
@@ -458,4 +458,50 @@ def summarise_cohorts(folders,  # `repeat_cv` folders of one model and task, one
         for metric, _, value in targets or [(key, None, None)]:  # per target: each cohort's seeds against its line
             per = pd.DataFrame([{"config": n, metric: v} for n, r in runs.items() if metric in r for v in r[metric].dropna()])
             if len(per): _plot(per, list(runs), metric, out, name=f"cohorts_{metric}", line=value)
+    return table
+
+# %% ../../nbs/21_tune.ipynb #c27096a7
+def size_curve(manifest,  # a cohort several times the size of interest: manifest path or DataFrame, or a `Bags`
+               features_dir,  # its folder of `<slide_id>.h5` feature files
+               sizes=(40, 80, 120),  # patients per random subset; the whole cohort comes last
+               draws: int = 5,  # random subsets of each size
+               seeds=(0, 1),  # split seeds on each subset
+               full_seeds=tuple(range(10)),  # split seeds on the whole cohort
+               model: str = "deepattnmisl", task: str = "survival",
+               out_dir="results/sizes",
+               target: str = "oracle_gap<=0.05",  # counted per size: the runs meeting it
+               truth=None,  # ground truth folder (default: beside the manifest)
+               progress: bool = True, **hparams) -> pd.DataFrame:
+    "One model's repeated cross-validation on random subsets of `sizes` patients and on the whole cohort: `sizes.csv`, one row per size."
+    out = Path(out_dir)
+    bags = manifest if isinstance(manifest, Bags) else load_bags(manifest, features_dir, None, task)
+    truth, (metric, op, value) = _truth_dir(manifest, truth), parse_target(target)
+    if bad := [n for n in sizes if not 0 < int(n) < len(bags)]:
+        raise WsiStudyError(f"sizes {bad}: a subset needs between 1 and {len(bags) - 1} patients (the cohort has {len(bags)})")
+    runs = []
+    for n, draw in [(int(n), i) for n in sorted(set(sizes)) for i in range(draws)] + [(len(bags), 0)]:
+        full = n == len(bags)
+        pick = np.arange(n) if full else np.sort(np.random.default_rng([n, draw]).choice(len(bags), n, replace=False))
+        folder, s = out / ("all" if full else f"n{n}_draw{draw}"), list(full_seeds if full else seeds)
+        repeat_cv(bags if full else bags.subset(pick), None, model, task, folder, seeds=s, truth=truth, progress=progress, **hparams)
+        r = pd.read_csv(folder / "sweep.csv", dtype={"settings": str, "data": str, "code": str})
+        runs.append(r[r.seed.isin(s)].assign(patients=n, draw=draw))
+    runs = pd.concat(runs, ignore_index=True)
+    if metric not in runs or runs[metric].isna().all():
+        raise WsiStudyError(f"target {target!r}: the runs have no {metric} (oracle metrics need the cohort's ground truth)")
+    key = HEADLINE[task]
+    cols = list(dict.fromkeys([key, metric] + [m for m in SUMMARY_METRICS if m in runs and runs[m].notna().any()]))
+    g = runs.groupby("patients")
+    table = pd.concat([g.size().rename("runs"), g[cols].mean().add_suffix("_mean"), g[key].std().rename(f"{key}_sd"),
+                       g[metric].apply(lambda v: int(_OPS[op](v, value).sum())).rename(target)], axis=1).reset_index()
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "runs.csv", runs, index=False); write_csv(out / "sizes.csv", table, index=False)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    jitter = np.random.default_rng(0).uniform(-0.02, 0.02, len(runs)) * runs.patients.max()
+    ax.plot(runs.patients + jitter, runs[metric], "o", color="0.6", ms=3, label="one run (subset × split seed)")
+    ax.plot(table.patients, table[f"{metric}_mean"], "-o", color="C3", label="mean")
+    ax.axhline(value, color="k", lw=0.8, ls="--", label=target)
+    ax.set_xlabel("patients in the cohort"); ax.set_ylabel(metric); ax.set_xticks(table.patients)
+    ax.set_title(f"{model_label(model, task)} · {task}: {metric} against cohort size", fontsize=9); ax.legend(fontsize=7)
+    fig.tight_layout(); save_figure(fig, out, f"sizes_{metric}"); plt.close(fig)
     return table

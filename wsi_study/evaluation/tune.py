@@ -480,10 +480,10 @@ def size_curve(manifest,  # a cohort several times the size of interest: manifes
         raise WsiStudyError(f"sizes {bad}: a subset needs between 1 and {len(bags) - 1} patients (the cohort has {len(bags)})")
     runs = []
     for n, draw in [(int(n), i) for n in sorted(set(sizes)) for i in range(draws)] + [(len(bags), 0)]:
-        full = n == len(bags)
-        pick = np.arange(n) if full else np.sort(np.random.default_rng([n, draw]).choice(len(bags), n, replace=False))
+        full = n == len(bags)  # a subset: the same patients on every call (seeded by size and draw), so a rerun resumes
+        sub = bags if full else bags.subset(np.sort(np.random.default_rng([n, draw]).choice(len(bags), n, replace=False)))
         folder, s = out / ("all" if full else f"n{n}_draw{draw}"), list(full_seeds if full else seeds)
-        repeat_cv(bags if full else bags.subset(pick), None, model, task, folder, seeds=s, truth=truth, progress=progress, **hparams)
+        repeat_cv(sub, None, model, task, folder, seeds=s, truth=truth, progress=progress, **hparams)
         r = pd.read_csv(folder / "sweep.csv", dtype={"settings": str, "data": str, "code": str})
         runs.append(r[r.seed.isin(s)].assign(patients=n, draw=draw))
     runs = pd.concat(runs, ignore_index=True)

@@ -208,11 +208,8 @@ def write_heatmaps(out_dir,  # a `train_cv` or `predict` output folder (with att
             with atomic_path(png.with_suffix(".geojson")) as tmp: tmp.write_text(json.dumps(attention_geojson(adir / f"{s}.h5")))
         rows.append((s, "drawn", ""))
     table, csv = pd.DataFrame(rows, columns=["slide_id", "status", "error"]), out / "figures" / "heatmaps" / "heatmaps.csv"
-    if csv.is_file():  # a call on some slides leaves the other slides' rows as they were
-        old = pd.read_csv(csv, dtype=str, keep_default_na=False)
-        table_all = pd.concat([old[~old.slide_id.isin(ids)], table]).sort_values("slide_id", kind="stable")
-    else: table_all = table
-    write_csv(csv, table_all, index=False)
+    old = pd.read_csv(csv, dtype=str, keep_default_na=False) if csv.is_file() else table.iloc[:0]
+    write_csv(csv, pd.concat([old[~old.slide_id.isin(ids)], table]).sort_values("slide_id", kind="stable"), index=False)  # others' rows stay
     return table
 
 def attention_geojson(path,  # an attention file, attention/<slide_id>.h5

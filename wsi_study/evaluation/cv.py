@@ -38,10 +38,11 @@ from .calibration import (eval_times, plot_reliability, plot_survival_calibratio
 from .attention import attention_figure, clear_attention, localisation_auc, write_attention
 
 # %% auto #0
-__all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'RUN_FIGURES', 'model_params',
-           'other_task', 'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches', 'train_epoch', 'predict',
-           'inner_risks', 'fit_fold', 'stack_risk', 'member_splits', 'save_model', 'load_model', 'pred_rows',
-           'fold_curves', 'patient_curves', 'score', 'train_cv', 'clear_run', 'write_synthetic_cohort', 'bench_mil']
+__all__ = ['TRAIN_DEFAULTS', 'MODEL_DEFAULTS', 'NETS', 'MODELS', 'STACK_PENALTIES', 'MODEL_FORMAT', 'RUN_FIGURES', 'RUN_TABLES',
+           'model_params', 'other_task', 'batch_loss', 'make_net', 'make_inputs', 'cpu_threads', 'batches',
+           'train_epoch', 'predict', 'inner_risks', 'fit_fold', 'stack_risk', 'member_splits', 'save_model',
+           'load_model', 'pred_rows', 'fold_curves', 'patient_curves', 'score', 'train_cv', 'clear_run',
+           'write_synthetic_cohort', 'bench_mil']
 
 # %% ../../nbs/19_cv.ipynb #32463c94
 _log = get_logger("wsi_study.evaluation")
@@ -444,7 +445,6 @@ def score(out: Path, pred: pd.DataFrame, labels: pd.DataFrame, task: str, tdir: 
         if curves:  # every patient's curve; the scores of those with labels
             write_csv(out / "survival_curves.csv", pd.DataFrame(np.array([curves[p][0] for p in pred.index]), index=pred.index,
                                                                 columns=[f"{t:g}" for t in times]).rename_axis("patient_id"))
-        else: (out / "survival_curves.csv").unlink(missing_ok=True)  # a reused folder keeps no other run's curves
         if metrics and curves:
             surv, km = (np.array([curves[p][k] for p in known.index]) for k in (0, 1))
             metrics.update(survival_calibration(known, surv, km, times, n_boot, seed))
@@ -611,11 +611,12 @@ def train_cv(manifest,  # manifest CSV path, validated DataFrame, or a `Bags`
 
 RUN_FIGURES = ("shift_scores", "km_risk_groups", "confusion_matrix", "stage_reliability", "survival_calibration",
                "training_curves", "attention_heatmaps")  # what `_figures` may write, each only when the run has it
+RUN_TABLES = ("history", "survival_curves", "localisation", "stack", "curve_cox", "penalty")  # the same, of the tables
 
 def clear_run(out: Path):
-    "Remove what a run writes only when it has it (attention, heatmaps, `RUN_FIGURES`, history.csv): a reused folder shows no earlier run's."
+    "Remove what a run writes only when it has it (attention, heatmaps, `RUN_FIGURES`, `RUN_TABLES`): a reused folder shows no earlier run's."
     clear_attention(out)
-    for f in [out / "history.csv", *(out / "figures" / f"{n}.png" for n in RUN_FIGURES)]: f.unlink(missing_ok=True)
+    for f in [*(out / f"{n}.csv" for n in RUN_TABLES), *(out / "figures" / f"{n}.png" for n in RUN_FIGURES)]: f.unlink(missing_ok=True)
 
 def _figures(out: Path, model: str, task: str, pred: pd.DataFrame, history: pd.DataFrame, heatmaps: int,
              scored: str = "out-of-fold",  # which predictions: out-of-fold, or an external test cohort's
